@@ -1,0 +1,113 @@
+"""`cfx run | train | aggregate`: a small dispatcher in front of Hydra.
+
+`cfx run ARGS` is exactly a Hydra application (`--cfg job`, `--help`, `-m`,
+launchers, overrides), as is `cfx train WHAT ARGS`; `cfx aggregate` is a plain
+argparse command.
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: cfx <command> [args]
+
+commands:
+  run        [-m] [overrides...]        explain images; one job folder per run (Hydra app: --help, --cfg job)
+  train      WHAT [overrides...]        reproduce a shipped model (synthetic_ddpm, synthetic_shape,
+                                        synthetic_shape_biased, synthetic_size, synthetic_oracle)
+  aggregate  PATH... [--by KEY...]      job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
+
+examples:
+  cfx run                                          # FastDiME on the synthetic benchmark
+  cfx run method=dime classifier=synthetic_shape_biased
+  cfx run method=fastdime regressor=synthetic_size target=absolute target.value=0.8
+  cfx run -m method=dime,fastdime seed=0,1 hydra/launcher=joblib
+  cfx aggregate outputs/multirun
+"""
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The one-line message of an error a user can fix, or None for a bug (shown in full)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from cfx_cli.errors import CfxError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, CfxError):
+            return str(seen)
+        if isinstance(seen, MissingMandatoryValue):
+            key = getattr(seen, "full_key", None) or "a key"
+            return f"{key} has no value (???): set it on the command line, e.g. {key}=..."
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _run_task(cfg):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from cfx_cli.run import headline, job
+
+    hc = HydraConfig.get()
+    job_dir = hc.runtime.output_dir
+    try:
+        metrics = job(cfg, job_dir)
+    except Exception as e:
+        msg = _user_error(e)
+        if msg is None:
+            raise
+        print(f"cfx: error: {msg}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:  # one bad job must not stop the sweep; status.json says failed
+            return None
+        sys.exit(2)
+    print(f"job folder: {job_dir}\n{headline(metrics)}")
+    return metrics
+
+
+def _train_task(cfg):
+    from cfx_cli.train.main import train
+
+    try:
+        train(cfg)
+    except Exception as e:
+        msg = _user_error(e)
+        if msg is None:
+            raise
+        print(f"cfx: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _hydra(prog: str, config_name: str, args: list[str], task) -> None:
+    import hydra
+
+    from cfx_cli import CONF_DIR
+
+    sys.argv = [prog, *args]
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        _hydra("cfx run", "config", rest, _run_task)
+    elif cmd == "train":
+        if not rest or "=" in rest[0] or rest[0].startswith("-"):
+            print("cfx: error: cfx train needs WHAT: one of synthetic_ddpm, synthetic_shape, "
+                  "synthetic_shape_biased, synthetic_size, synthetic_oracle", file=sys.stderr)
+            sys.exit(2)
+        _hydra("cfx train", "train", [f"trainable={rest[0]}", *rest[1:]], _train_task)
+    elif cmd == "aggregate":
+        from cfx_cli.aggregate import main as aggregate_main
+
+        aggregate_main(rest)
+    else:
+        print(f"cfx: error: unknown command {cmd!r}; use run, train or aggregate (cfx --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

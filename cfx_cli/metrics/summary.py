@@ -1,0 +1,32 @@
+"""Set-level metrics from samples.csv rows (one job, or the merged shards of one job)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+# Column of samples.csv -> name of its mean in metrics.csv.
+MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
+         "bg_changed": "shortcut_reveal_rate", "oracle_flip": "oracle_flip_rate",
+         "nfe_unet": "nfe_unet", "nfe_model": "nfe_model", "seconds": "seconds_per_cf"}
+
+
+def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
+    """Headline metrics. Rates are over all samples (a failed sample counts as not flipped);
+    distances and costs are means over the samples that did not fail."""
+    n = len(samples)
+    failed = samples["failed"].astype(bool) if "failed" in samples else pd.Series(False, index=samples.index)
+    ok = samples[~failed]
+    res: dict[str, float] = {"num_samples": float(n), "num_failed": float(failed.sum())}
+    success = samples["success"].astype(float).where(~failed, 0.0)
+    res["flip_rate" if task == "classification" else "success_rate"] = float(success.mean()) if n else np.nan
+    if task == "regression" and len(ok):
+        res["mae_to_target"] = float((ok["cf_pred"] - ok["target"]).abs().mean())
+        res["mae_to_target_before"] = float((ok["pred"] - ok["target"]).abs().mean())
+    for col, name in MEANS.items():
+        if col in ok and len(ok) and ok[col].notna().any():
+            res[name] = float(ok[col].astype(float).mean())
+    return res
+
+
+def to_long(metrics: dict[str, float]) -> pd.DataFrame:
+    return pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())})

@@ -1,0 +1,66 @@
+"""Explained models: a network plus its own preprocessing and its task.
+
+Every explained model takes images in [-1, 1] at the generative model's
+resolution and returns logits (N×K, classification) or values (N, regression);
+resizing and normalisation live here, so methods never normalise anything.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cfx_cli.errors import CfxError
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+TASKS = ("classification", "regression")
+
+
+class ExplainedModel(nn.Module):
+    def __init__(self, net: nn.Module, task: str, input_size: int | None = None, normalize: str = "none",
+                 num_classes: int | None = None, info: dict | None = None):
+        super().__init__()
+        if task not in TASKS:
+            raise CfxError(f"task={task!r} is unknown; use one of {list(TASKS)}")
+        if normalize not in ("none", "zero_one", "imagenet"):
+            raise CfxError(f"normalize={normalize!r} is unknown; use none, zero_one or imagenet")
+        self.net = net.eval().requires_grad_(False)
+        self.task = task
+        self.input_size = input_size
+        self.normalize = normalize
+        self.num_classes = num_classes
+        self.info = info or {}
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > self.input_size)
+        if self.normalize == "zero_one":
+            x = (x + 1) / 2
+        elif self.normalize == "imagenet":
+            x = ((x + 1) / 2 - self.mean) / self.std
+        out = self.net(x)
+        return out.squeeze(-1) if self.task == "regression" else out
+
+
+def zoo_model(path: str, task: str, key: str = "classifier.path", name: str | None = None) -> ExplainedModel:
+    """A cfx zoo model (safetensors + config.json) as an explained model."""
+    from cfx_cli.models.small_cnn import load_zoo_model
+
+    net, info = load_zoo_model(path, key=key)
+    num = info["kwargs"].get("num_outputs")
+    return ExplainedModel(net, task, input_size=info.get("input_size"), num_classes=num if task == "classification"
+                          else None, info=info)
+
+
+def wrap_module(module: nn.Module, task: str, weights: str | None = None, input_size: int | None = None,
+                normalize: str = "none", key: str = "classifier.weights", name: str | None = None) -> ExplainedModel:
+    """Any ``nn.Module`` built by ``_target_``, with optional weights from a safetensors or state-dict file."""
+    if weights:
+        from cfx_cli.models.checkpoints import load_state_dict
+
+        module.load_state_dict(load_state_dict(weights, key=key))
+    return ExplainedModel(module, task, input_size=input_size, normalize=normalize)

@@ -1,0 +1,156 @@
+"""The job folder: writing it atomically, resuming it, reading it back.
+
+    <job>/status.json         state running|done|failed, counts, timings, error
+    <job>/samples.csv         one row per input image
+    <job>/metrics.csv         set-level metrics (long format: metric,value)
+    <job>/images/{original,counterfactual,diff[,mask]}/<index>.png
+    <job>/grid.png            original | counterfactual | diff preview
+
+A sample's images are written (to a temporary name, then renamed) before its
+row is appended and flushed to samples.csv, so a row always means a finished
+sample: a killed job resumes by skipping the indices already in samples.csv.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_KINDS = ("original", "counterfactual", "diff")
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """C×H×W in [-1, 1] → H×W×C uint8 (1-channel maps in [0, 1] pass through ``map_to_uint8``)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return x.permute(1, 2, 0).numpy()
+
+
+def map_to_uint8(m: Tensor) -> np.ndarray:
+    return (m.detach().float().cpu().clamp(0, 1)[0] * 255).round().byte().numpy()
+
+
+def diff_image(x: Tensor, x_cf: Tensor) -> Tensor:
+    """Σ_c |x_cf − x| scaled to [-1, 1] per image, as a grey RGB image (brighter = more change)."""
+    d = (x_cf - x).abs().sum(0, keepdim=True)
+    d = d / d.max().clamp_min(1e-8)
+    return (d * 2 - 1).expand(3, -1, -1)
+
+
+def _atomic_write_bytes(path: Path, save):
+    tmp = path.with_name(path.name + ".tmp")
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict):
+    _atomic_write_bytes(Path(path), lambda p: p.write_text(json.dumps(data, indent=1, default=float)))
+
+
+class JobWriter:
+    def __init__(self, job_dir: str | Path):
+        self.dir = Path(job_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.samples_path = self.dir / "samples.csv"
+        self.status_path = self.dir / "status.json"
+        self._columns: list[str] | None = None
+        if self.samples_path.exists() and self.samples_path.stat().st_size > 0:
+            with open(self.samples_path, newline="") as fh:
+                self._columns = next(csv.reader(fh), None)
+
+    # ----------------------------------------------------------------- resume
+    def done_indices(self) -> set[int]:
+        if not self.samples_path.exists() or self.samples_path.stat().st_size == 0:
+            return set()
+        return set(read_samples(self.dir)["index"].astype(int).tolist())
+
+    def read_status(self) -> dict:
+        return json.loads(self.status_path.read_text()) if self.status_path.exists() else {}
+
+    def status(self, **fields):
+        status = self.read_status()
+        status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json(self.status_path, status)
+        return status
+
+    # ------------------------------------------------------------------ write
+    def add(self, rows: list[dict], images: dict[str, Tensor]):
+        """Write one batch: ``images[kind]`` is N×C×H×W ([-1, 1], or N×1×H×W maps in [0, 1])."""
+        for i, row in enumerate(rows):
+            for kind, batch in images.items():
+                folder = self.dir / "images" / kind
+                folder.mkdir(parents=True, exist_ok=True)
+                arr = map_to_uint8(batch[i]) if batch.shape[1] == 1 else to_uint8(batch[i])
+                _atomic_write_bytes(folder / f"{row['index']}.png",
+                                    lambda p, a=arr: Image.fromarray(a).save(p, format="PNG"))
+        new = self._columns is None
+        if new:
+            self._columns = list(rows[0].keys())
+        with open(self.samples_path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self._columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(v) for k, v in row.items()})
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_metrics(self, metrics: dict[str, float]):
+        from cfx_cli.metrics.summary import to_long
+
+        _atomic_write_bytes(self.dir / "metrics.csv", lambda p: to_long(metrics).to_csv(p, index=False))
+
+    def write_grid(self, max_rows: int = 8):
+        """original | counterfactual | diff for the first samples, 4× enlarged for a human eye."""
+        if not self.samples_path.exists():
+            return None
+        rows = read_samples(self.dir).sort_values("index").head(max_rows)
+        tiles = []
+        for idx in rows["index"].astype(int):
+            imgs = [np.asarray(Image.open(self.dir / "images" / k / f"{idx}.png").convert("RGB")) for k in IMAGE_KINDS]
+            tiles.append(np.concatenate(imgs, axis=1))
+        if not tiles:
+            return None
+        grid = np.concatenate(tiles, axis=0)
+        h, w = grid.shape[:2]
+        scale = max(1, 256 // max(1, imgs[0].shape[0]))
+        img = Image.fromarray(grid).resize((w * scale, h * scale), Image.NEAREST)
+        _atomic_write_bytes(self.dir / "grid.png", lambda p: img.save(p, format="PNG"))
+        return self.dir / "grid.png"
+
+
+def _cell(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, (np.floating, float)):
+        return f"{float(v):.6g}"
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_samples(job_dir: str | Path) -> pd.DataFrame:
+    """samples.csv; a torn last line (a kill mid-write) is dropped, duplicates keep the first row."""
+    path = Path(job_dir) / "samples.csv"
+    df = pd.read_csv(path, on_bad_lines="skip")
+    df = df[pd.to_numeric(df["index"], errors="coerce").notna()]
+    if "success" in df:
+        df = df[df["success"].isin([True, False, "True", "False"])]
+        df["success"] = df["success"].astype(str) == "True"
+    df["index"] = df["index"].astype(int)
+    return df.drop_duplicates("index", keep="first")
+
+
+def read_metrics(job_dir: str | Path) -> dict[str, float]:
+    path = Path(job_dir) / "metrics.csv"
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path)
+    return dict(zip(df["metric"], df["value"].astype(float)))

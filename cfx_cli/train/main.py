@@ -1,0 +1,75 @@
+"""`cfx train WHAT`: train one model of the synthetic benchmark, measure it, write it to the zoo."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cfx_cli.data.synthetic import SyntheticWorld
+from cfx_cli.errors import CfxError
+from cfx_cli.models.small_cnn import save_zoo_model
+from cfx_cli.train import supervised
+
+
+def world_from(cfg: DictConfig) -> SyntheticWorld:
+    if cfg.dataset.name != "synthetic":
+        raise CfxError(f"dataset={cfg.dataset.name}: cfx train makes the synthetic benchmark's models; use dataset=synthetic")
+    d = OmegaConf.to_container(cfg.dataset, resolve=True)
+    d.update(OmegaConf.to_container(cfg.trainable.world, resolve=True))
+    return SyntheticWorld(image_size=d["image_size"], shapes=tuple(d["shapes"]), size_range=tuple(d["size_range"]),
+                          rho=d.get("rho"))
+
+
+def command_line() -> str:
+    """The command that reproduces this run (for the model's config.json)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainable=")]
+    except ValueError:
+        overrides = []
+    what = [a for a in sys.argv if a.startswith("trainable=")]
+    return " ".join(["cfx train", what[0].split("=", 1)[1] if what else "?", *overrides])
+
+
+def train(cfg: DictConfig) -> dict:
+    t = cfg.trainable
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    world = world_from(cfg)
+    test_world = SyntheticWorld(image_size=world.image_size, shapes=world.shapes, size_range=world.size_range)
+    info = {"name": t.name, "command": command_line(), "seed": int(cfg.seed),
+            "train": OmegaConf.to_container(t, resolve=True), "image_size": world.image_size,
+            "shapes": list(world.shapes)}
+    if t.kind == "ddpm":
+        from cfx_cli.train.ddpm import train_ddpm
+
+        train_ddpm(world, cfg.out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                   ema_decay=t.ema_decay, channels=tuple(t.channels), seed=cfg.seed, threads=cfg.threads,
+                   device=cfg.device)
+        print(f"wrote {cfg.out}")
+        return info
+    common = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, width=t.width, seed=cfg.seed)
+    n = int(cfg.eval_images)
+    if t.kind == "classifier":
+        model = supervised.train_classifier(world, input_size=t.input_size, **common)
+        quality = supervised.evaluate_classifier(model, test_world, n)
+        net, arch, kwargs = model.net, "small_cnn", {"num_outputs": len(world.shapes), "width": t.width}
+        info.update(task="classification", classes=list(world.shapes), input_size=t.input_size)
+    elif t.kind == "regressor":
+        model = supervised.train_regressor(world, input_size=t.input_size, **common)
+        quality = supervised.evaluate_regressor(model, test_world, n)
+        net, arch, kwargs = model.net, "small_cnn", {"num_outputs": 1, "width": t.width}
+        info.update(task="regression", input_size=t.input_size)
+    elif t.kind == "oracle":
+        net = supervised.train_oracle(world, **common)
+        quality = supervised.evaluate_oracle(net, test_world, n)
+        arch, kwargs = "factor_oracle", {"discrete": supervised.ORACLE_DISCRETE, "width": t.width}
+    else:
+        raise CfxError(f"trainable.kind={t.kind!r} is unknown; use ddpm, classifier, regressor or oracle")
+    info["quality"] = quality
+    save_zoo_model(net, cfg.out, arch, kwargs, **info)
+    print(f"wrote {cfg.out}: " + ", ".join(f"{k}={v:.4f}" for k, v in quality.items()))
+    return info
+

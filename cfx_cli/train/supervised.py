@@ -1,0 +1,116 @@
+"""Train and measure the synthetic benchmark's small supervised models.
+
+Classifier (shape), size regressor and factor oracle, all on images rendered on
+the fly (batch k's factors depend only on (seed, k)), then measured on freshly
+rendered *test-split* images and saved to the zoo with the numbers and the
+command that reproduces them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cfx_cli.data.synthetic import ALL_SHAPES, BACKGROUND_COLOURS, OBJECT_COLOURS, SyntheticWorld
+from cfx_cli.models.explained import ExplainedModel
+from cfx_cli.models.small_cnn import FactorOracle, SmallCNN
+
+ORACLE_DISCRETE = {"shape": len(ALL_SHAPES), "obj_colour": len(OBJECT_COLOURS), "bg_colour": len(BACKGROUND_COLOURS)}
+
+
+def _batches(world: SyntheticWorld, steps: int, batch_size: int, seed: int):
+    for step in range(steps):
+        f = world.sample(np.random.default_rng([seed, step]), batch_size)
+        yield step, world.render(f), f
+
+
+def _fit(model, loss_fn, world, steps, batch_size, lr, seed, desc):
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    bar = tqdm(_batches(world, steps, batch_size, seed), total=steps, desc=desc, mininterval=5)
+    for step, x, f in bar:
+        loss = loss_fn(model(x), f)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval().requires_grad_(False)
+
+
+def global_shape(world: SyntheticWorld, labels) -> torch.Tensor:
+    """Labels (indices into world.shapes) as indices into ALL_SHAPES."""
+    return torch.as_tensor([world.shape_ids[int(v)] for v in np.asarray(labels)])
+
+
+def _trainable(net, task: str, input_size: int | None) -> ExplainedModel:
+    """The network behind the same preprocessing (e.g. a thumbnail) that it will be explained with."""
+    model = ExplainedModel(net, task, input_size=input_size)
+    model.net.requires_grad_(True)
+    return model
+
+
+def train_classifier(world: SyntheticWorld, steps=600, batch_size=128, lr=3e-3, width=32, seed=0, input_size=None):
+    model = _trainable(SmallCNN(len(world.shapes), width), "classification", input_size)
+    loss = lambda out, f: F.cross_entropy(out, torch.as_tensor(f["shape"]).long())  # noqa: E731
+    return _fit(model, loss, world, steps, batch_size, lr, seed, "train classifier")
+
+
+def train_regressor(world: SyntheticWorld, steps=1500, batch_size=128, lr=3e-3, width=32, seed=0, input_size=None):
+    model = _trainable(SmallCNN(1, width), "regression", input_size)
+    loss = lambda out, f: F.mse_loss(out, torch.as_tensor(f["size"]).float())  # noqa: E731
+    return _fit(model, loss, world, steps, batch_size, lr, seed, "train regressor")
+
+
+def oracle_loss(out, f, world: SyntheticWorld):
+    loss = F.cross_entropy(out["shape"], global_shape(world, f["shape"]))
+    for k in ("obj_colour", "bg_colour"):
+        loss = loss + F.cross_entropy(out[k], torch.as_tensor(f[k]).long())
+    cont = torch.as_tensor(np.stack([f["size"], f["pos_x"], f["pos_y"]], 1)).float()
+    return loss + 10 * F.mse_loss(out["continuous"], cont)
+
+
+def train_oracle(world: SyntheticWorld, steps=1500, batch_size=128, lr=3e-3, width=32, seed=0):
+    model = FactorOracle(ORACLE_DISCRETE, width)
+    return _fit(model, lambda out, f: oracle_loss(out, f, world), world, steps, batch_size, lr, seed, "train oracle")
+
+
+# ------------------------------------------------------------------ measuring
+@torch.no_grad()
+def _test_batch(world: SyntheticWorld, n: int, seed: int):
+    f = world.factors_for_indices("test", range(n), seed)
+    return world.render(f), f
+
+
+@torch.no_grad()
+def evaluate_classifier(model, world: SyntheticWorld, n=1000, seed=123) -> dict:
+    """Accuracy on fresh test images, overall and where the background contradicts the shape."""
+    x, f = _test_batch(world, n, seed)
+    pred = model(x).argmax(1).numpy()
+    correct = pred == f["shape"]
+    conflict = np.array([int(b) not in world.preferred_backgrounds(int(s)) for s, b in zip(f["shape"], f["bg_colour"])])
+    return {"accuracy": float(correct.mean()), "accuracy_bg_conflict": float(correct[conflict].mean()),
+            "accuracy_bg_aligned": float(correct[~conflict].mean())}
+
+
+@torch.no_grad()
+def evaluate_regressor(model, world: SyntheticWorld, n=1000, seed=123) -> dict:
+    x, f = _test_batch(world, n, seed)
+    return {"mae": float((model(x).reshape(-1) - torch.as_tensor(f["size"]).float()).abs().mean())}
+
+
+@torch.no_grad()
+def evaluate_oracle(model, world: SyntheticWorld, n=1000, seed=123) -> dict:
+    x, f = _test_batch(world, n, seed)
+    out = model(x)
+    res = {"shape_accuracy": float((out["shape"].argmax(1) == global_shape(world, f["shape"])).float().mean())}
+    for k in ("obj_colour", "bg_colour"):
+        res[f"{k}_accuracy"] = float((out[k].argmax(1).numpy() == f[k]).mean())
+    cont = out["continuous"].numpy()
+    for i, k in enumerate(("size", "pos_x", "pos_y")):
+        res[f"{k}_mae"] = float(np.abs(cont[:, i] - f[k]).mean())
+    return res
