@@ -77,7 +77,8 @@ def load_diffusers_ddpm(path: str | Path, variance: str = "fixed_small", clip_de
     if not (unet_dir / "config.json").exists() or sched_file is None:
         raise CfxError(f"{key}={path} is not a diffusers DDPM folder: it needs unet/config.json and "
                        f"scheduler/scheduler_config.json (as written by save_pretrained)")
-    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)
+    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True,
+                                       low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     sc = json.loads(sched_file.read_text())
     if sc.get("prediction_type", "epsilon") != "epsilon":

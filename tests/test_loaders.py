@@ -1,0 +1,66 @@
+"""Loaders read files they (or the reference formats) wrote; untrusted pickles are refused."""
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cfx_cli.errors import CfxError
+from cfx_cli.models.checkpoints import load_state_dict
+from cfx_cli.models.diffusion import load_diffusers_ddpm
+from cfx_cli.models.perceptual import VGGPerceptual, vgg19_features
+from cfx_cli.models.small_cnn import SmallCNN, load_zoo_model, save_zoo_model
+from cfx_cli.train.ddpm import build_unet
+
+
+def test_diffusers_folder_round_trip(tmp_path):
+    from diffusers import DDPMScheduler
+
+    unet = build_unet(16, channels=(16, 16, 16), norm_num_groups=8, attention_head_dim=8)
+    unet.save_pretrained(tmp_path / "m" / "unet")
+    DDPMScheduler(num_train_timesteps=500, beta_schedule="linear").save_pretrained(tmp_path / "m" / "scheduler")
+    d = load_diffusers_ddpm(tmp_path / "m")
+    assert d.base_schedule.num_timesteps == 500 and d.image_size == 16
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 100])
+    torch.testing.assert_close(d.eps(x, t), unet(x, t).sample)
+    r = d.respaced(100)
+    torch.testing.assert_close(r.eps(x, torch.tensor([1, 20])), unet(x, r.schedule.timestep_map[[1, 20]]).sample)
+
+
+def test_not_a_diffusers_folder(tmp_path):
+    with pytest.raises(CfxError, match="diffusion.path=.* is not a diffusers DDPM folder"):
+        load_diffusers_ddpm(tmp_path)
+
+
+def test_zoo_round_trip(tmp_path):
+    net = SmallCNN(2, 8).eval()
+    save_zoo_model(net, tmp_path / "clf", "small_cnn", {"num_outputs": 2, "width": 8}, task="classification")
+    loaded, info = load_zoo_model(tmp_path / "clf")
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), net(x))
+    assert info["task"] == "classification"
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_untrusted_pickle_is_never_executed(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": Evil()}, fh)
+    with pytest.raises(CfxError, match="never unpickles"):
+        load_state_dict(path, key="classifier.weights")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_vgg_perceptual_loads_torchvision_layout(tmp_path):
+    feats = vgg19_features(37)  # the whole torchvision `features` block
+    save_file({f"features.{k}": v for k, v in feats.state_dict().items()}, str(tmp_path / "vgg19.safetensors"))
+    perc = VGGPerceptual(str(tmp_path / "vgg19.safetensors"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(perc(x, x), torch.zeros(2))
+    assert (perc(x, -x) > 0).all()
+    with pytest.raises(CfxError, match="method.perceptual.weights is null"):
+        VGGPerceptual(None)

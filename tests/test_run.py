@@ -1,0 +1,131 @@
+"""`cfx run` end to end: the job folder, resume after a kill, failed samples, clear errors."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, ROOT, cfx
+from cfx_cli.outputs import read_samples
+
+
+def run_dir(tmp_path, name="job"):
+    return f"hydra.run.dir={tmp_path / name}"
+
+
+def test_default_job_writes_the_job_folder(tmp_path):
+    proc = cfx("run", *FAST, run_dir(tmp_path))
+    job = tmp_path / "job"
+    assert f"job folder: {job}" in proc.stdout and "flip_rate=" in proc.stdout
+    status = json.loads((job / "status.json").read_text())
+    assert status["state"] == "done" and status["written"] == 4 and status["error"] is None
+    samples = pd.read_csv(job / "samples.csv")
+    for col in ("index", "id", "label", "pred", "target", "cf_pred", "success", "failed", "l1", "l2", "mnac",
+                "ideal_cf_l1", "bg_changed", "nfe_unet", "nfe_model", "seconds"):
+        assert col in samples.columns, col
+    assert sorted(samples["index"]) == [0, 1, 2, 3]
+    assert (samples["target"] == 1 - samples["pred"]).all()  # flip the binary decision
+    metrics = dict(pd.read_csv(job / "metrics.csv").values)
+    assert metrics["flip_rate"] == pytest.approx(samples["success"].mean())
+    assert metrics["l1"] == pytest.approx(samples["l1"].mean(), rel=1e-4)
+    for kind in ("original", "counterfactual", "diff", "mask"):
+        assert len(list((job / "images" / kind).glob("*.png"))) == 4
+    assert Image.open(job / "grid.png").size[0] > 3 * 32
+    assert (job / ".hydra" / "config.yaml").exists()
+
+
+def _rows(path):
+    try:
+        return len(read_samples(path))
+    except Exception:
+        return 0
+
+
+def test_a_killed_job_resumes_and_loses_nothing(tmp_path):
+    args = ["run", "dataset.num_images=6", "batch_size=2", "method.respacing=50", "method.tau=15",
+            "method.mask_start=8", "method.scales=[10.0]"]
+    cfx(*args, run_dir(tmp_path, "whole"))
+    job = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cfx_cli.cli", *args, f"hydra.run.dir={job}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _rows(job) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = _rows(job)
+    assert 2 <= written < 6, "the job should have been stopped part-way"
+    assert json.loads((job / "status.json").read_text())["state"] == "running"
+    cfx(*args, f"hydra.run.dir={job}")
+    status = json.loads((job / "status.json").read_text())
+    assert status["state"] == "done" and status["resumed_from"] == written
+    a, b = read_samples(job).sort_values("index"), read_samples(tmp_path / "whole").sort_values("index")
+    assert list(a["index"]) == list(range(6))
+    assert list(a["success"]) == list(b["success"])
+    for i in range(6):  # same images as the uninterrupted run
+        ia = torch.tensor(list(Image.open(job / "images" / "counterfactual" / f"{i}.png").getdata()))
+        ib = torch.tensor(list(Image.open(tmp_path / "whole" / "images" / "counterfactual" / f"{i}.png").getdata()))
+        assert (ia - ib).abs().max() <= 1
+
+
+def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, monkeypatch):
+    from cfx_cli.data.synthetic import SyntheticDataset
+    from cfx_cli.run import job
+
+    original = SyntheticDataset.batch
+
+    def batch_with_nan(self, indices):
+        b = original(self, indices)
+        for k, i in enumerate(indices):
+            if i == 2:
+                b["x"][k, :, 5, 5] = float("nan")
+        return b
+
+    monkeypatch.setattr(SyntheticDataset, "batch", batch_with_nan)
+    cfg = compose([*FAST, "device=cpu"])
+    metrics = job(cfg, tmp_path / "nan")
+    s = read_samples(tmp_path / "nan").set_index("index")
+    assert bool(s.loc[2, "failed"]) and not bool(s.loc[2, "success"])
+    assert not s.drop(index=2)["failed"].astype(bool).any()
+    assert s.drop(index=2)["success"].astype(bool).sum() >= 2
+    assert metrics["num_failed"] == 1
+    assert json.loads((tmp_path / "nan" / "status.json").read_text())["state"] == "done"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("diffusion.path=/nonexistent/ddpm", "diffusion.path=/nonexistent/ddpm does not exist"),
+    ("classifier.path=/nonexistent/clf", "classifier.path=/nonexistent/clf is not a cfx zoo model"),
+    ("dataset=folder", "dataset.root has no value"),
+    ("method.variant=3", "method.variant='3' is unknown"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, override, needle):
+    proc = cfx("run", override, *FAST, run_dir(tmp_path), check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("cfx: error:") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_missing_dataset_folder(tmp_path):
+    proc = cfx("run", "dataset=folder", f"dataset.root={tmp_path / 'nope'}", run_dir(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"cfx: error: dataset.root={tmp_path / 'nope'} is not a folder: point it to a " \
+                                  f"folder of images (e.g. dataset.root=/data/my_images)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine(tmp_path):
+    proc = cfx("run", "device=cuda", *FAST, run_dir(tmp_path), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("cfx: error: device=cuda but no CUDA device")
+
+
+def test_typo_in_a_group_option_names_the_options(tmp_path):
+    proc = cfx("run", "method=dimee", run_dir(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'method/dimee'" in proc.stderr and "fastdime" in proc.stderr
+    assert "Traceback" not in proc.stderr

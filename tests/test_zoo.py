@@ -1,0 +1,68 @@
+"""Each shipped model's quality on freshly rendered test-split images (the thresholds of the issue)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cfx_cli import ZOO_DIR
+from cfx_cli.data.synthetic import SyntheticWorld
+from cfx_cli.models.diffusion import load_diffusers_ddpm
+from cfx_cli.models.explained import zoo_model
+from cfx_cli.models.small_cnn import zoo_oracle
+from cfx_cli.train import supervised
+
+WORLD = SyntheticWorld(shapes=("circle", "square"))
+SEED = 2026  # not the seed the models were measured with at training time
+
+
+def test_shape_classifier_accuracy():
+    q = supervised.evaluate_classifier(zoo_model(ZOO_DIR / "synthetic_shape", "classification"), WORLD, 1000, SEED)
+    assert q["accuracy"] >= 0.98
+
+
+def test_biased_classifier_learnt_the_background_shortcut():
+    clean = supervised.evaluate_classifier(zoo_model(ZOO_DIR / "synthetic_shape", "classification"), WORLD, 1000, SEED)
+    q = supervised.evaluate_classifier(zoo_model(ZOO_DIR / "synthetic_shape_biased", "classification"), WORLD, 1000,
+                                       SEED)
+    assert q["accuracy_bg_aligned"] >= 0.95
+    assert q["accuracy_bg_conflict"] <= clean["accuracy_bg_conflict"] - 0.25
+
+
+def test_size_regressor_mae():
+    q = supervised.evaluate_regressor(zoo_model(ZOO_DIR / "synthetic_size", "regression"), WORLD, 1000, SEED)
+    assert q["mae"] <= 0.03  # labels are normalised: 0.03 of the size range
+
+
+def test_oracle_reads_every_factor():
+    world3 = SyntheticWorld(shapes=("circle", "square", "triangle"))
+    q = supervised.evaluate_oracle(zoo_oracle(ZOO_DIR / "synthetic_oracle"), world3, 1000, SEED)
+    for k in ("shape", "obj_colour", "bg_colour"):
+        assert q[f"{k}_accuracy"] >= 0.98, (k, q)
+    assert q["size_mae"] < 0.05 and q["pos_x_mae"] < 0.02 and q["pos_y_mae"] < 0.02
+
+
+def test_every_shipped_model_records_how_it_was_made():
+    for name in ("synthetic_shape", "synthetic_shape_biased", "synthetic_size", "synthetic_oracle"):
+        info = json.loads((ZOO_DIR / name / "config.json").read_text())
+        assert info["command"].startswith(f"cfx train {name}")
+    info = json.loads((ZOO_DIR / "synthetic_ddpm" / "train_info.json").read_text())
+    assert info["steps"] > 0
+
+
+@torch.no_grad()
+def test_ddpm_samples_are_valid_images():
+    """Unconditional samples (50 respaced steps): the oracle reads a known shape among the DDPM's, and every
+    discrete factor with confidence >= 0.9, for at least 90% of them."""
+    torch.manual_seed(0)
+    ddpm = load_diffusers_ddpm(ZOO_DIR / "synthetic_ddpm").respaced(50)
+    oracle = zoo_oracle(ZOO_DIR / "synthetic_oracle")
+    z = torch.randn(64, 3, 32, 32)
+    for t in range(ddpm.num_steps - 1, -1, -1):
+        out = ddpm.p_mean_variance(z, t)
+        z = out["mean"] + ((0.5 * out["log_variance"]).exp() * torch.randn_like(z) if t > 0 else 0)
+    read = oracle(z.clamp(-1, 1))
+    conf = torch.stack([read[k].softmax(1).amax(1) for k in ("shape", "obj_colour", "bg_colour")], 1)
+    known_shape = torch.isin(read["shape"].argmax(1), torch.tensor(WORLD.shape_ids))
+    valid = (conf >= 0.9).all(1) & known_shape
+    assert valid.float().mean() >= 0.9, valid.float().mean()
