@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from conftest import cfx
 
@@ -34,3 +35,18 @@ def test_submitit_local_sweep_lists_failed_jobs(tmp_path):
     assert "1 job(s) not included" in out and "failed" in out and "method.variant='bogus' is unknown" in out
     table = pd.read_csv(tmp_path / "tables" / "table.csv")
     assert list(table["method.variant"]) == ["mask"]
+
+
+def test_shards_are_merged_before_set_level_metrics(tmp_path):
+    for shard in (0, 1):
+        cfx("run", "dataset.num_images=4", "batch_size=2", "method.respacing=50", "method.tau=10",
+            "method.scales=[10.0]", f"data.shard={shard}", "data.num_shards=2", f"hydra.run.dir={tmp_path / str(shard)}")
+    s0 = pd.read_csv(tmp_path / "0" / "samples.csv")
+    s1 = pd.read_csv(tmp_path / "1" / "samples.csv")
+    assert sorted(s0["index"]) == [0, 2] and sorted(s1["index"]) == [1, 3]
+    cfx("aggregate", str(tmp_path), "--metrics", "flip_rate", "l1", "num_samples")
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert list(table["n_jobs"]) == [1]  # two shards, one job
+    both = pd.concat([s0, s1])
+    assert table.loc[0, "num_samples_mean"] == 4
+    assert table.loc[0, "l1_mean"] == pytest.approx(both["l1"].mean(), rel=1e-5)

@@ -52,11 +52,14 @@ def _as_indices(rows: Tensor) -> list[int]:
 
 
 def difference_mask(x_a: Tensor, x_b: Tensor, dilation: int, threshold: float) -> Tensor:
-    """m = dilate_k(normalise(Σ_c |x_a − x_b|)) > threshold, per sample (FastDiME, ACE)."""
+    """m = dilate_k(normalise(Σ_c |x_a − x_b|)) > threshold, per sample (FastDiME, ACE).
+
+    Normalising divides by the per-image maximum, as the public FastDiME / ACE code does.
+    """
+    if dilation % 2 == 0:
+        raise ValueError(f"mask dilation={dilation} must be odd (a centred k×k window)")
     d = (x_a - x_b).abs().sum(1, keepdim=True)
-    lo = d.amin(dim=(2, 3), keepdim=True)
-    hi = d.amax(dim=(2, 3), keepdim=True)
-    d = (d - lo) / (hi - lo).clamp_min(1e-8)
+    d = d / d.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
     if dilation > 1:
         d = F.max_pool2d(d, dilation, stride=1, padding=dilation // 2)
     return (d > threshold).to(x_a.dtype)

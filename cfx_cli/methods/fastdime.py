@@ -28,7 +28,7 @@ class FastDiME:
     def __init__(self, diffusion, model, objective, variant="mask", respacing=200, tau=60,
                  scales=(8.0, 10.0, 15.0), lambda_l1=0.05, lambda_perc=0.0, perceptual=None,
                  rescale_sqrt_alpha=False, mask_start=30, mask_dilation=5, mask_threshold=0.15,
-                 public_code_offset=True):
+                 public_code_offset=True, public_mask_noise=True):
         variant = str(variant)
         if variant not in VARIANTS:
             raise CfxError(f"method.variant={variant!r} is unknown; use one of {list(VARIANTS)}")
@@ -38,7 +38,8 @@ class FastDiME:
                                       rescale_sqrt_alpha=rescale_sqrt_alpha, clean_estimate="tweedie",
                                       public_code_offset=public_code_offset,
                                       mask_start=None if variant == "nomask" else int(mask_start),
-                                      mask_dilation=int(mask_dilation), mask_threshold=float(mask_threshold))
+                                      mask_dilation=int(mask_dilation), mask_threshold=float(mask_threshold),
+                                      public_mask_noise=public_mask_noise)
 
     def explain(self, x, target, rng):
         g = self.guided

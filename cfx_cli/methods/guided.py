@@ -21,7 +21,7 @@ class GuidedDiffusion:
     def __init__(self, diffusion, model, objective, *, respacing=200, tau=60, scales=(8.0, 10.0, 15.0),
                  lambda_l1=0.05, lambda_perc=0.0, perceptual=None, rescale_sqrt_alpha=True,
                  clean_estimate="chain", public_code_offset=True, mask_start=None, mask_dilation=5,
-                 mask_threshold=0.15):
+                 mask_threshold=0.15, public_mask_noise=True):
         self.diffusion = diffusion.respaced(respacing)
         self.model, self.objective = model, objective
         if not 0 < tau <= self.diffusion.num_steps:
@@ -34,6 +34,7 @@ class GuidedDiffusion:
         self.noise_index = self.tau if public_code_offset else self.tau - 1
         self.noise_index = min(self.noise_index, self.diffusion.num_steps - 1)
         self.mask_start, self.mask_dilation, self.mask_threshold = mask_start, mask_dilation, mask_threshold
+        self.public_mask_noise = public_mask_noise
 
     # ------------------------------------------------------------------ pieces
     def _count(self, counter: Tensor, rows: Tensor, k: int = 1):
@@ -89,7 +90,9 @@ class GuidedDiffusion:
             self._count(nfe_model, rows)
             z = self._step(out, t, rows, rng, mean=out["mean"] - out["log_variance"].exp() * g)
             if mask is not None:  # keep the unmasked region on the original's noisy trajectory
-                keep = sched.q_sample(x, t - 1, rng.randn(x.shape[1:], rows)) if t > 0 else x
+                # The public FastDiME code noises it to level t (one above z_{t-1}'s); t-1 matches z_{t-1}.
+                level = t if self.public_mask_noise else t - 1
+                keep = sched.q_sample(x, level, rng.randn(x.shape[1:], rows)) if t > 0 else x
                 z = mask * z + (1 - mask) * keep
             if self.clean_estimate == "chain" and t > 0:
                 x_hat = self.unguided_chain(z, t - 1, rows, rng, nfe_unet)
