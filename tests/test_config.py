@@ -51,6 +51,10 @@ def test_regressor_alone_switches_the_task(compose):
     assert cfg.classifier is not None  # no need to unset it
     model, key = explained_model(cfg)
     assert key == "regressor" and model.task == "regression"
+    # Regression guidance scales come from conf/tuning_regressor, for either method.
+    assert cfg.method.scales[0] == 1000.0
+    assert compose(["regressor=synthetic_size", "method=dime"]).method.scales[0] == 1000.0
+    assert compose(["method=dime"]).method.scales[0] == 8.0
 
 
 def test_method_configs_instantiate_their_classes(compose):
