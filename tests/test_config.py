@@ -61,3 +61,17 @@ def test_method_configs_instantiate_their_classes(compose):
     for m in options("method"):
         cfg = compose([f"method={m}"])
         assert instantiate({"_target_": cfg.method._target_}, _partial_=True).func.name == m
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local", "joblib", "submitit_local"])
+def test_launcher_presets_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert ("submitit" in target) == ("submitit" in launcher or launcher == "slurm")
+    if launcher == "slurm":
+        assert target.endswith("SlurmLauncher")
+        assert cfg.hydra.launcher.timeout_min == 240 and cfg.hydra.launcher.array_parallelism == 32
+        assert cfg.hydra.launcher.gpus_per_node == 1 and "partition" in cfg.hydra.launcher

@@ -47,7 +47,7 @@ def test_every_shipped_model_records_how_it_was_made():
         info = json.loads((ZOO_DIR / name / "config.json").read_text())
         assert info["command"].startswith(f"cfx train {name}")
     info = json.loads((ZOO_DIR / "synthetic_ddpm" / "train_info.json").read_text())
-    assert info["steps"] > 0
+    assert info["steps"] > 0 and info["command"].startswith("cfx train synthetic_ddpm")
 
 
 @torch.no_grad()

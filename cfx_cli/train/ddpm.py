@@ -33,7 +33,8 @@ def build_unet(image_size: int, channels=(32, 64, 64), layers_per_block: int = 1
 def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path, steps: int = 6000,
                batch_size: int = 64, lr: float = 4e-4, warmup: int = 200, ema_decay: float = 0.999,
                num_train_timesteps: int = 1000, channels=(32, 64, 64), seed: int = 0,
-               checkpoint_every: int = 200, threads: int | None = None, device: str = "cpu") -> Path:
+               checkpoint_every: int = 200, threads: int | None = None, device: str = "cpu",
+               command: str = "") -> Path:
     from diffusers import DDPMScheduler
 
     if threads:
@@ -65,7 +66,8 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
         tmp.replace(state_file)
         ema.save_pretrained(out_dir / "unet", safe_serialization=True)
         scheduler.save_pretrained(out_dir / "scheduler")
-        (out_dir / "train_info.json").write_text(json.dumps({"steps": step, "batch_size": batch_size, "lr": lr,
+        (out_dir / "train_info.json").write_text(json.dumps({"command": command, "steps": step,
+                                                             "batch_size": batch_size, "lr": lr,
                                                              "ema_decay": ema_decay, "seed": seed,
                                                              "shapes": list(world.shapes),
                                                              "image_size": world.image_size}, indent=1))

@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> dict:
 
         train_ddpm(world, cfg.out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
                    ema_decay=t.ema_decay, channels=tuple(t.channels), seed=cfg.seed, threads=cfg.threads,
-                   device=cfg.device)
+                   device=cfg.device, command=info["command"])
         print(f"wrote {cfg.out}")
         return info
     common = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, width=t.width, seed=cfg.seed)
