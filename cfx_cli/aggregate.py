@@ -121,7 +121,9 @@ def _fmt(v) -> str:
         mean, std = v
         digits = 1 if abs(mean) >= 100 else 3
         return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-    return "" if v is None else str(v)
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return str(v)
 
 
 def render(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -127,5 +127,5 @@ class GuidedDiffusion:
             scale_used[rows] = scale
             done[rows] = ok
         return CFResult(x_cf=x_cf, success=done, nfe_unet=nfe_unet, nfe_model=nfe_model,
-                        extras={"mask": masks} if passes is not None and self.mask_start is not None else {},
+                        extras={"mask": masks} if self.mask_start is not None else {},
                         info={"scale": scale_used})
