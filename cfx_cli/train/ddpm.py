@@ -31,7 +31,8 @@ def build_unet(image_size: int, channels=(32, 64, 64), layers_per_block: int = 1
 
 
 def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path, steps: int = 6000,
-               batch_size: int = 64, lr: float = 4e-4, warmup: int = 200, ema_decay: float = 0.999,
+               batch_size: int = 64, lr: float = 4e-4, warmup: int = 200, decay_from: int | None = None,
+               final_lr_fraction: float = 0.05, ema_decay: float = 0.999,
                num_train_timesteps: int = 1000, channels=(32, 64, 64), seed: int = 0,
                checkpoint_every: int = 200, threads: int | None = None, device: str = "cpu",
                command: str = "") -> Path:
@@ -68,6 +69,7 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
         scheduler.save_pretrained(out_dir / "scheduler")
         (out_dir / "train_info.json").write_text(json.dumps({"command": command, "steps": step,
                                                              "batch_size": batch_size, "lr": lr,
+                                                             "decay_from": decay_from,
                                                              "ema_decay": ema_decay, "seed": seed,
                                                              "shapes": list(world.shapes),
                                                              "image_size": world.image_size}, indent=1))
@@ -85,7 +87,7 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, noise)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+            group["lr"] = lr * _lr_factor(step, warmup, decay_from, steps, final_lr_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -103,3 +105,16 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
     if start >= steps and not (out_dir / "unet").exists():
         save(steps)
     return out_dir
+
+
+def _lr_factor(step: int, warmup: int, decay_from: int | None, steps: int, final: float) -> float:
+    """Linear warm-up, constant, then (from ``decay_from``) linear decay to ``final`` at ``steps``.
+
+    The rate at a step depends only on these numbers, so a run stopped and resumed with the
+    same settings follows the same schedule.
+    """
+    factor = min(1.0, (step + 1) / warmup)
+    if decay_from is not None and step >= decay_from:
+        frac = (step - decay_from) / max(1, steps - decay_from)
+        factor *= 1 - (1 - final) * min(1.0, frac)
+    return factor

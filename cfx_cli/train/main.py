@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> dict:
         from cfx_cli.train.ddpm import train_ddpm
 
         train_ddpm(world, cfg.out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                   decay_from=t.get("decay_from"),
                    ema_decay=t.ema_decay, channels=tuple(t.channels), seed=cfg.seed, threads=cfg.threads,
                    device=cfg.device, command=info["command"])
         print(f"wrote {cfg.out}")
