@@ -93,7 +93,8 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     s = read_samples(tmp_path / "nan").set_index("index")
     assert bool(s.loc[2, "failed"]) and not bool(s.loc[2, "success"])
     assert not s.drop(index=2)["failed"].astype(bool).any()
-    assert s.drop(index=2)["success"].astype(bool).sum() >= 2
+    others = s.drop(index=2)
+    assert others[["cf_pred", "l1", "mnac"]].notna().all().all() and (others["nfe_unet"] > 0).all()
     assert metrics["num_failed"] == 1
     assert json.loads((tmp_path / "nan" / "status.json").read_text())["state"] == "done"
 
