@@ -119,6 +119,8 @@ def table(records: list[dict], by: list[str], metrics: list[str]) -> pd.DataFram
 def _fmt(v) -> str:
     if isinstance(v, tuple):
         mean, std = v
+        if np.isnan(mean):
+            return ""
         digits = 1 if abs(mean) >= 100 else 3
         return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
     if v is None or (isinstance(v, float) and np.isnan(v)):
