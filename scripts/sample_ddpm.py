@@ -16,13 +16,7 @@ folder = sys.argv[1] if len(sys.argv) > 1 else ZOO_DIR / "synthetic_ddpm"
 out = sys.argv[2] if len(sys.argv) > 2 else "ddpm_samples.png"
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 50
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 64
-torch.manual_seed(0)
-ddpm = load_diffusers_ddpm(folder).respaced(steps)
-z = torch.randn(n, 3, ddpm.image_size, ddpm.image_size)
-with torch.no_grad():
-    for t in range(ddpm.num_steps - 1, -1, -1):
-        o = ddpm.p_mean_variance(z, t)
-        z = o["mean"] + ((0.5 * o["log_variance"]).exp() * torch.randn_like(z) if t > 0 else 0)
+z = load_diffusers_ddpm(folder).respaced(steps).sample(n, torch.Generator().manual_seed(0))
 cols = 8
 rows = [np.concatenate([to_uint8(img) for img in z[r * cols:(r + 1) * cols]], 1) for r in range(n // cols)]
 grid = np.concatenate(rows, 0)

@@ -61,6 +61,20 @@ class PixelDiffusion(nn.Module):
         return self.schedule.p_mean_variance(out, x_t, t, self.variance, self.clip_denoised)
 
 
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Unconditional ancestral samples on this grid, N×C×H×W in [-1, 1] (noise drawn on the CPU)."""
+        p = next(self.unet.parameters())
+        shape = (n, 3, self.image_size, self.image_size)
+        z = torch.randn(shape, generator=generator).to(p.device, p.dtype)
+        for t in range(self.num_steps - 1, -1, -1):
+            out = self.p_mean_variance(z, t)
+            z = out["mean"]
+            if t > 0:
+                z = z + (0.5 * out["log_variance"]).exp() * torch.randn(shape, generator=generator).to(z)
+        return z.clamp(-1, 1)
+
+
 def load_diffusers_ddpm(path: str | Path, variance: str = "fixed_small", clip_denoised: bool = True,
                         key: str = "diffusion.path", name: str | None = None) -> PixelDiffusion:
     """Load a diffusers-format DDPM folder (``unet/`` + ``scheduler/``, or a bare UNet folder
