@@ -41,7 +41,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
-        elif not isinstance(v, list):
+        elif isinstance(v, list):  # e.g. method.scales: a value to group by, and to tell sweeps' jobs apart
+            out[key] = "[" + ", ".join(str(x) for x in v) + "]"
+        else:
             out[key] = v
     return out
 

@@ -52,9 +52,10 @@ def test_regressor_alone_switches_the_task(compose):
     model, key = explained_model(cfg)
     assert key == "regressor" and model.task == "regression"
     # Regression guidance scales come from conf/tuning_regressor, for either method.
-    assert cfg.method.scales[0] == 1000.0
+    assert cfg.method.scales[0] == 3000.0
     assert compose(["regressor=synthetic_size", "method=dime"]).method.scales[0] == 1000.0
-    assert compose(["method=dime"]).method.scales[0] == 8.0
+    assert compose(["method=dime"]).method.scales[0] == 20.0  # conf/tuning/dime_synthetic.yaml
+    assert compose(["method=dime", "dataset=folder", "dataset.root=/tmp"]).method.scales[0] == 8.0
 
 
 def test_method_configs_instantiate_their_classes(compose):

@@ -31,14 +31,14 @@ def explain(method, model, objective, x, indices, seed=0):
 def test_fastdime_flips_the_shipped_classifier(parts):
     diffusion, clf, _, batch = parts
     obj = ClassificationObjective()
-    # The synthetic defaults of conf/tuning/fastdime_synthetic.yaml (about 70% flips measured).
+    # The synthetic defaults of conf/tuning/fastdime_synthetic.yaml (1.00 flips measured on 64 images).
     method = FastDiME(diffusion, clf, obj, variant="mask", respacing=200, tau=60, mask_start=30,
-                      scales=(30.0, 60.0, 150.0))
+                      scales=(100.0, 200.0, 400.0))
     res, target = explain(method, clf, obj, batch["x"], batch["index"])
     with torch.no_grad():
         flipped = obj.success(clf(res.x_cf), target)
     assert torch.equal(flipped, res.success)  # success is judged on the final image
-    assert flipped.float().mean() >= 0.5
+    assert flipped.float().mean() >= 0.75
     # Small edits: the counterfactual stays close to the input on average.
     assert (res.x_cf - batch["x"]).abs().mean() / 2 < 0.1
     # One UNet call per guided step and scale tried; one explained-model call per step, plus a check per scale.
@@ -51,7 +51,7 @@ def test_dime_flips_with_its_nested_chain_cost(parts):
     diffusion, clf, _, batch = parts
     obj = ClassificationObjective()
     tau = 30  # the synthetic defaults of conf/tuning/dime_synthetic.yaml
-    method = DiME(diffusion, clf, obj, respacing=100, tau=tau, scales=(8.0, 10.0, 15.0))
+    method = DiME(diffusion, clf, obj, respacing=100, tau=tau, scales=(20.0, 30.0, 45.0))
     res, target = explain(method, clf, obj, batch["x"][:4], batch["index"][:4])
     assert res.success.float().mean() >= 0.75
     per_scale = tau + sum(range(1, tau))  # τ guided calls + the unguided chains (O(τ²))
@@ -75,14 +75,40 @@ def test_fastdime_variants(parts, variant, passes):
         assert outside.max() < 1e-5
 
 
+def test_fastdime_reveals_the_biased_classifiers_shortcut(parts):
+    """The biased classifier reads the background only: its counterfactuals change the
+    background (as the oracle sees it), the clean classifier's do not."""
+    from cfx_cli.models.small_cnn import zoo_oracle
+
+    diffusion, clf, _, batch = parts
+    biased = zoo_model(ZOO_DIR / "synthetic_shape_biased", "classification")
+    oracle = zoo_oracle(ZOO_DIR / "synthetic_oracle")
+    with torch.no_grad():
+        bg_before = oracle(batch["x"])["bg_colour"].argmax(1)
+    obj = ClassificationObjective()
+    changed = {}
+    for name, model in (("clean", clf), ("biased", biased)):
+        method = FastDiME(diffusion, model, obj, respacing=200, tau=60, mask_start=30, scales=(100.0, 200.0, 400.0))
+        res, _ = explain(method, model, obj, batch["x"], batch["index"])
+        assert res.success.float().mean() >= 0.75, name
+        with torch.no_grad():
+            changed[name] = (oracle(res.x_cf)["bg_colour"].argmax(1) != bg_before).float().mean().item()
+    assert changed["biased"] >= 0.5 and changed["clean"] <= 0.25, changed
+
+
 def test_same_image_whatever_the_batch(parts):
-    """Per-sample generators: sample 5 alone equals sample 5 inside a batch."""
+    """Per-sample generators: sample 5 alone equals sample 5 inside a batch, up to float rounding
+    (convolution kernels differ with the batch size; ten guided steps grow that to ~1e-3, whereas
+    other noise would change pixels by ~1)."""
     diffusion, clf, _, batch = parts
     obj = ClassificationObjective()
     method = FastDiME(diffusion, clf, obj, respacing=50, tau=10, mask_start=5, scales=(10.0,))
     full, _ = explain(method, clf, obj, batch["x"][4:8], batch["index"][4:8], seed=7)
     alone, _ = explain(method, clf, obj, batch["x"][5:6], batch["index"][5:6], seed=7)
-    torch.testing.assert_close(full.x_cf[1:2], alone.x_cf, atol=1e-5, rtol=1e-5)
+    diff = (full.x_cf[1:2] - alone.x_cf).abs()
+    assert diff.max() < 1e-2 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+    other, _ = explain(method, clf, obj, batch["x"][5:6], batch["index"][5:6], seed=8)
+    assert (other.x_cf - alone.x_cf).abs().max() > 0.1  # another seed: another image
 
 
 def test_fastdime_moves_the_regressor_to_its_target(parts):
@@ -91,7 +117,7 @@ def test_fastdime_moves_the_regressor_to_its_target(parts):
     x = batch["x"]
     with torch.no_grad():
         before = (reg(x) - 0.8).abs()
-    method = FastDiME(diffusion, reg, obj, respacing=200, tau=60, mask_start=30, scales=(1000.0, 3000.0, 6000.0))
+    method = FastDiME(diffusion, reg, obj, respacing=200, tau=60, mask_start=30, scales=(3000.0, 6000.0, 12000.0))
     res, target = explain(method, reg, obj, x, batch["index"])
     with torch.no_grad():
         after = (reg(res.x_cf) - 0.8).abs()

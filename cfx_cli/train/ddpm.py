@@ -74,6 +74,7 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
                                                              "shapes": list(world.shapes),
                                                              "image_size": world.image_size}, indent=1))
 
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     log = open(work_dir / "loss.log", "a")
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train ddpm", mininterval=10)
     t0 = time.time()
@@ -93,9 +94,8 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        with torch.no_grad():  # one fused update of all EMA weights (one kernel per group, not per tensor)
+            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
         if step % 20 == 0:
             log.write(f"{step} {loss.item():.5f} {time.time() - t0:.1f}\n")
             log.flush()

@@ -26,7 +26,9 @@ def command_line() -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("trainable=")]
+        # where the model and checkpoints go does not change the model: leave those out
+        overrides = [o for o in HydraConfig.get().overrides.task
+                     if not o.startswith(("trainable=", "out=", "work_dir=", "hydra."))]
     except ValueError:
         overrides = []
     what = [a for a in sys.argv if a.startswith("trainable=")]
