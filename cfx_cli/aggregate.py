@@ -21,7 +21,8 @@ from cfx_cli.metrics.summary import summarise
 from cfx_cli.outputs import read_metrics, read_samples
 
 DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "l1", "l2", "mnac", "ideal_cf_l1",
-                   "shortcut_reveal_rate", "oracle_flip_rate", "nfe_unet", "nfe_model", "seconds_per_cf"]
+                   "shortcut_reveal_rate", "oracle_flip_rate", "nfe_unet", "nfe_model", "seconds_per_cf",
+                   "peak_mem_mib"]
 
 
 def find_jobs(paths: list[str]) -> list[Path]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from cfx_cli.errors import CfxError
 from cfx_cli.methods.base import SampleRNG
+from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.metrics.sample import OracleMetrics, distances
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.objectives import build_objective
@@ -69,7 +70,7 @@ def build(cfg: DictConfig, device: torch.device) -> dict:
             "diffusion": diffusion, "method": method, "oracle": oracle}
 
 
-def _rows(batch, pred, target, cf_pred, result, failed, dist, oracle_vals, seconds, task):
+def _rows(batch, pred, target, cf_pred, result, failed, dist, oracle_vals, seconds, peak_mib, task):
     rows = []
     for i, index in enumerate(batch["index"]):
         row = {"index": index, "id": batch["id"][i],
@@ -81,7 +82,8 @@ def _rows(batch, pred, target, cf_pred, result, failed, dist, oracle_vals, secon
             row[k] = v[i]
         for k, v in result.info.items():
             row[k] = v[i].item()
-        row.update(nfe_unet=int(result.nfe_unet[i]), nfe_model=int(result.nfe_model[i]), seconds=seconds)
+        row.update(nfe_unet=int(result.nfe_unet[i]), nfe_model=int(result.nfe_model[i]), seconds=seconds,
+                   peak_mem_mib=round(peak_mib, 1))
         rows.append(row)
     return rows
 
@@ -108,21 +110,22 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
             batch = dataset.batch(todo[start:start + bs])
             x = batch["x"].to(device)
             t0 = time.time()
-            with torch.no_grad():
-                out = model(x)
-                pred, target = objective.prediction(out), objective.target(out)
-            result = method.explain(x, target, SampleRNG(cfg.seed, batch["index"], device))
-            failed = ~torch.isfinite(result.x_cf).flatten(1).all(1)
-            x_cf = torch.where(failed.view(-1, 1, 1, 1), x, result.x_cf)  # keep the file valid; row says failed
-            with torch.no_grad():
-                cf_pred = objective.prediction(model(x_cf))
+            with PeakMemory(device) as peak:
+                with torch.no_grad():
+                    out = model(x)
+                    pred, target = objective.prediction(out), objective.target(out)
+                result = method.explain(x, target, SampleRNG(cfg.seed, batch["index"], device))
+                failed = ~torch.isfinite(result.x_cf).flatten(1).all(1)
+                x_cf = torch.where(failed.view(-1, 1, 1, 1), x, result.x_cf)  # keep the file valid; row says failed
+                with torch.no_grad():
+                    cf_pred = objective.prediction(model(x_cf))
             seconds = (time.time() - t0) / len(x)
             oracle_vals = None
             if parts["oracle"] is not None:
                 oracle_vals = parts["oracle"](x, x_cf, batch["factors"], target, task,
                                               getattr(objective, "tolerance", 0.05))
             rows = _rows(batch, pred, target, cf_pred, result, failed.cpu(), distances(x, x_cf), oracle_vals,
-                         seconds, task)
+                         seconds, peak.mib, task)
             images = {"original": x, "counterfactual": x_cf,
                       "diff": torch.stack([diff_image(a, b) for a, b in zip(x, x_cf)])}
             images.update({k: v for k, v in result.extras.items()})

@@ -25,15 +25,30 @@ def test_distances_by_hand():
 def test_summary_by_hand():
     s = pd.DataFrame({"index": [0, 1, 2, 3], "success": [True, True, False, True], "failed": [False, False, False, True],
                       "pred": [0.1, 0.2, 0.9, 0.5], "target": [0.8, 0.8, 0.2, 0.8], "cf_pred": [0.78, 0.84, 0.5, 0.8],
-                      "l1": [0.1, 0.2, 0.3, 9.0], "nfe_unet": [60, 60, 180, 0], "seconds": [1.0, 1.0, 2.0, 0.0]})
+                      "l1": [0.1, 0.2, 0.3, 9.0], "nfe_unet": [60, 60, 180, 0], "seconds": [1.0, 1.0, 2.0, 0.0],
+                      "peak_mem_mib": [300.0, 300.0, 420.5, 420.5]})
     m = summarise(s, "regression")
     assert m["success_rate"] == 0.5  # the failed sample counts as not reached
     assert m["num_failed"] == 1
     assert m["mae_to_target"] == pytest.approx((0.02 + 0.04 + 0.3) / 3)
     assert m["mae_to_target_before"] == pytest.approx((0.7 + 0.6 + 0.7) / 3)
     assert m["l1"] == pytest.approx(0.2) and m["nfe_unet"] == 100 and m["seconds_per_cf"] == pytest.approx(4 / 3)
+    assert m["peak_mem_mib"] == 420.5  # the largest batch's peak, not a mean
     c = summarise(s.assign(failed=False), "classification")
     assert c["flip_rate"] == 0.75 and "mae_to_target" not in c
+
+
+def test_peak_memory_sees_a_large_allocation():
+    from cfx_cli.metrics.cost import PeakMemory
+
+    with PeakMemory("cpu") as before:
+        pass
+    # More than the process has ever held: the high-water mark must rise by about its size.
+    n = int((before.mib + 256) * 2**20 / 4)
+    with PeakMemory("cpu") as peak:
+        big = torch.ones(n)
+        del big
+    assert peak.mib >= before.mib + 200
 
 
 def test_objectives():

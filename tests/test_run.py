@@ -27,13 +27,14 @@ def test_default_job_writes_the_job_folder(tmp_path):
     assert status["state"] == "done" and status["written"] == 4 and status["error"] is None
     samples = pd.read_csv(job / "samples.csv")
     for col in ("index", "id", "label", "pred", "target", "cf_pred", "success", "failed", "l1", "l2", "mnac",
-                "ideal_cf_l1", "bg_changed", "nfe_unet", "nfe_model", "seconds"):
+                "ideal_cf_l1", "bg_changed", "nfe_unet", "nfe_model", "seconds", "peak_mem_mib"):
         assert col in samples.columns, col
     assert sorted(samples["index"]) == [0, 1, 2, 3]
     assert (samples["target"] == 1 - samples["pred"]).all()  # flip the binary decision
     metrics = dict(pd.read_csv(job / "metrics.csv").values)
     assert metrics["flip_rate"] == pytest.approx(samples["success"].mean())
     assert metrics["l1"] == pytest.approx(samples["l1"].mean(), rel=1e-4)
+    assert metrics["peak_mem_mib"] == samples["peak_mem_mib"].max() > 50  # a process with torch and four models
     for kind in ("original", "counterfactual", "diff", "mask"):
         assert len(list((job / "images" / kind).glob("*.png"))) == 4
     assert Image.open(job / "grid.png").size[0] > 3 * 32
@@ -139,6 +140,7 @@ def test_cuda_job_flips_like_the_cpu_job(tmp_path, method):
         cfx("run", f"method={method}", f"device={device}", *eight, run_dir(tmp_path, device))
     cpu, gpu = (pd.read_csv(tmp_path / d / "samples.csv") for d in ("cpu", "cuda"))
     assert len(gpu) == 8 and not gpu["failed"].any()
+    assert 1 < gpu["peak_mem_mib"].max() < 4096  # the GPU's allocator: small models, a batch of 8
     assert gpu["success"].mean() >= cpu["success"].mean() - 0.25, (cpu["success"].mean(), gpu["success"].mean())
     assert gpu["l1"].mean() == pytest.approx(cpu["l1"].mean(), rel=0.25)
 

@@ -8,6 +8,8 @@ import pandas as pd
 MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
          "bg_changed": "shortcut_reveal_rate", "oracle_flip": "oracle_flip_rate",
          "nfe_unet": "nfe_unet", "nfe_model": "nfe_model", "seconds": "seconds_per_cf"}
+# Column -> name of its maximum: the peak memory of the job's largest batch.
+MAXES = {"peak_mem_mib": "peak_mem_mib"}
 
 
 def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
@@ -25,6 +27,9 @@ def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
     for col, name in MEANS.items():
         if col in ok and len(ok) and ok[col].notna().any():
             res[name] = float(ok[col].astype(float).mean())
+    for col, name in MAXES.items():
+        if col in samples and samples[col].notna().any():
+            res[name] = float(samples[col].astype(float).max())
     return res
 
 
