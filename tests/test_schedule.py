@@ -1,4 +1,5 @@
 """The noise-schedule math against diffusers' DDPMScheduler and the ADM reference fixture."""
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,16 @@ from diffusers import DDPMScheduler
 
 from cfx_cli.diffusion.schedule import NoiseSchedule, space_timesteps
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adm"
+# The papers' reference data lives beside the checkout (../shared/fixtures); CFX_FIXTURES points elsewhere.
+FIXTURES = Path(os.environ.get("CFX_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "adm"
+
+
+def load_fixture(name: str):
+    path = FIXTURES / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the ADM reference fixtures sit in ../shared/fixtures beside "
+                                f"the checkout; set CFX_FIXTURES=/path/to/fixtures if they are elsewhere")
+    return torch.load(path, weights_only=True)
 
 
 def test_tables_and_forward_process_match_diffusers():
@@ -48,7 +58,7 @@ def test_respaced_tables_follow_guided_diffusion_convention():
 
 def test_adm_reference_p_mean_variance():
     """Respacing 200 of T=500 and learned-range variance reproduce guided-diffusion's outputs."""
-    ref = torch.load(FIXTURES / "tiny_adm_reference.pt", weights_only=True)
+    ref = load_fixture("tiny_adm_reference.pt")
     s = NoiseSchedule.from_config("linear", 500).respace("200")
     assert torch.equal(s.timestep_map, ref["timestep_map"])
     torch.testing.assert_close(s.alphas_cumprod, ref["alphas_cumprod_respaced"])
