@@ -4,12 +4,18 @@ Finds every job folder (a folder with ``.hydra/config.yaml`` or ``status.json``)
 under the given paths, reads its config choices and metrics, merges the shards of
 one job (same config but ``data.shard``) by recomputing the set-level metrics
 from their samples, groups by the chosen keys (method by default), and reports
-mean ± std over seeds. Missing and failed jobs are listed, never dropped silently.
+mean ± std over seeds. Missing and failed jobs are listed, never dropped silently:
+a job whose shards are not all done, and a job number of a Hydra sweep (counted
+from its ``multirun.yaml``) that has no folder. A row that averages jobs whose
+configs differ in more than the ``--by`` keys and the seed is flagged.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,12 +23,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cfx_cli.errors import CfxError
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.outputs import read_metrics, read_samples
 
-DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "l1", "l2", "mnac", "ideal_cf_l1",
-                   "shortcut_reveal_rate", "oracle_flip_rate", "nfe_unet", "nfe_model", "seconds_per_cf",
-                   "peak_mem_mib"]
+DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "mae_to_target_before", "l1", "l2", "mnac",
+                   "ideal_cf_l1", "shortcut_reveal_rate", "oracle_flip_rate", "nfe_unet", "nfe_model",
+                   "seconds_per_cf", "peak_mem_mib"]
+
+# Record fields that are not config, and config keys that may differ between the jobs of one row.
+BOOKKEEPING = {"job", "state", "error", "metrics", "task"}
+NOT_A_MIX = {"seed", "data.shard", "data.num_shards", "device", "batch_size"}
 
 
 def find_jobs(paths: list[str]) -> list[Path]:
@@ -73,29 +84,163 @@ def job_record(job: Path) -> dict:
 
 
 def merge_shards(records: list[dict]) -> list[dict]:
-    """One record per job: shards (same config but data.shard) are merged through their samples."""
+    """One record per job: shards (same config but data.shard) are merged through their samples.
+
+    A sharded job is complete only when every shard 0..num_shards-1 is done; otherwise it is
+    reported as missing (or failed), with how many shards are done, even if one shard folder exists.
+    """
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        key = tuple(sorted((k, str(v)) for k, v in r.items()
-                           if k not in ("job", "state", "error", "metrics", "data.shard")))
+        key = tuple(sorted((k, str(v)) for k, v in r.items() if k not in BOOKKEEPING and k != "data.shard"))
         groups.setdefault(key, []).append(r)
     merged = []
     for rs in groups.values():
-        if len(rs) == 1 or int(rs[0].get("data.num_shards", 1) or 1) == 1:
+        expected = _int(rs[0].get("data.num_shards"), 1)
+        if expected <= 1:
             merged.extend(rs)
             continue
         r = dict(rs[0], job=",".join(x["job"] for x in rs))
-        expected = int(rs[0]["data.num_shards"])
-        bad = [x for x in rs if x["state"] != "done"]
-        if bad or len(rs) < expected:
-            r["state"] = "failed" if bad else "missing"
-            r["error"] = f"{len(rs) - len(bad)}/{expected} shards done"
+        done = [x for x in rs if x["state"] == "done"]
+        done_shards = {_int(x.get("data.shard"), 0) for x in done}
+        absent = [i for i in range(expected) if i not in done_shards]
+        if absent:
+            failed = any(x["state"] == "failed" for x in rs)
+            r["state"] = "failed" if failed else "missing"
+            r["error"] = (f"{len(done_shards & set(range(expected)))}/{expected} shards done; "
+                          f"shard{'s' if len(absent) > 1 else ''} {', '.join(map(str, absent))} "
+                          f"{'failed or ' if failed else ''}missing")
             r["metrics"] = {}
         else:
-            samples = pd.concat([read_samples(x["job"]) for x in rs]).drop_duplicates("index")
+            r["state"], r["error"] = "done", None
+            r["task"] = next((x["task"] for x in done if x.get("task")), None)
+            samples = pd.concat([read_samples(x["job"]) for x in done]).drop_duplicates("index")
             r["metrics"] = summarise(samples, r.get("task") or "classification")
         merged.append(r)
     return merged
+
+
+def _int(v, default: int) -> int:
+    try:
+        return int(v) if v is not None and str(v) != "" else default
+    except (TypeError, ValueError):
+        return default
+
+
+def sweep_jobs(multirun_yaml: Path) -> list[str] | None:
+    """The jobs a Hydra sweep launches, in job-number order, each as its swept 'key=value' choices.
+
+    Counted as Hydra's BasicSweeper does: ``hydra.sweeper.params`` (experiment files) then the
+    command line's ``hydra.overrides.task``, parsed by Hydra's own override parser; a later
+    override of a key replaces an earlier one; the jobs are the product of the choices.
+    None when the sweep cannot be enumerated (another sweeper, an interval sweep, ...).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra_cfg = (yaml.safe_load(multirun_yaml.read_text()) or {}).get("hydra") or {}
+    sweeper = hydra_cfg.get("sweeper") or {}
+    target = str(sweeper.get("_target_") or "")
+    if target and not target.endswith("BasicSweeper"):
+        return None
+    params = sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] if isinstance(params, dict) else []
+    args += [str(a) for a in ((hydra_cfg.get("overrides") or {}).get("task") or [])]
+    choices: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(args):
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                return None
+            choices[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            choices[key] = [o.input_line or key]
+    swept = [v for v in choices.values() if len(v) != 1]
+    return [" ".join(combo) for combo in itertools.product(*swept)]
+
+
+def _job_num(job: Path, sweep: Path) -> int | None:
+    hydra_file = job / ".hydra" / "hydra.yaml"
+    if hydra_file.exists():
+        num = ((yaml.safe_load(hydra_file.read_text()) or {}).get("hydra") or {}).get("job") or {}
+        num = num.get("num") if isinstance(num, dict) else None
+        if isinstance(num, int):
+            return num
+    m = re.match(r"(\d+)(_|$)", job.relative_to(sweep).parts[0])
+    return int(m.group(1)) if m else None
+
+
+def missing_sweep_jobs(paths: list[str], jobs: list[Path]) -> list[dict]:
+    """A 'missing' record for each job number of a sweep under ``paths`` that has no job folder."""
+    sweeps = set()
+    for p in map(Path, paths):
+        sweeps.update(m.parent for m in [p / "multirun.yaml", *p.rglob("multirun.yaml")] if m.is_file())
+    missing = []
+    for sweep in sorted(sweeps):
+        try:
+            expected = sweep_jobs(sweep / "multirun.yaml")
+        except Exception as e:  # a sweep Hydra itself could not expand without its config (glob, ...)
+            print(f"cfx aggregate: warning: cannot count the jobs of the sweep {sweep}: "
+                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            continue
+        if expected is None:
+            continue
+        found = {_job_num(j, sweep) for j in jobs if j != sweep and j.is_relative_to(sweep)}
+        for num, choice in enumerate(expected):
+            if num not in found:
+                missing.append({"job": str(sweep / f"{num}_*"), "state": "missing", "metrics": {},
+                                "error": f"job {num} of the sweep {sweep}: no folder"
+                                         + (f" ({choice})" if choice else "")})
+    return missing
+
+
+def check_by(records: list[dict], by: list[str]) -> None:
+    keys = set().union(*(r.keys() for r in records)) - BOOKKEEPING
+    bad = [k for k in by if k not in keys]
+    if bad:
+        examples = [k for k in ("method", "classifier", "method.variant", "dataset.num_images") if k in keys]
+        examples = examples or sorted(keys)[:4]
+        raise CfxError(f"--by {' '.join(bad)}: no job has {'this config key' if len(bad) == 1 else 'these config keys'}"
+                       f"; keys look like {', '.join(examples)}")
+
+
+def _label(by: list[str], values) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in zip(by, values))
+
+
+@functools.lru_cache(maxsize=1)
+def _derived_choices() -> frozenset[str]:
+    """Config groups chosen from other choices: 'model', and the defaults list's interpolated entries."""
+    derived = {"model"}
+    try:
+        from cfx_cli import CONF_DIR
+
+        for d in (yaml.safe_load((CONF_DIR / "config.yaml").read_text()) or {}).get("defaults") or []:
+            if isinstance(d, dict):
+                derived.update(k.split()[-1].split("@")[0] for k, v in d.items() if "${" in str(v))
+    except Exception:  # no primary config to read: only 'model'
+        pass
+    return frozenset(derived)
+
+
+def mixed_rows(records: list[dict], by: list[str]) -> list[tuple[str, list[str]]]:
+    """(row label, config keys) for each row whose finished jobs differ in more than --by and the seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["state"] == "done":
+            groups.setdefault(tuple(str(r.get(k)) for k in by), []).append(r)
+    out = []
+    for rs in groups.values():
+        if len(rs) < 2:
+            continue
+        keys = set().union(*(r.keys() for r in rs)) - BOOKKEEPING - NOT_A_MIX - set(by)
+        differ = sorted(k for k in keys if not k.startswith(("hydra.", "hydra/"))
+                        and len({str(r.get(k, "<unset>")) for r in rs}) > 1)
+        # A differing choice (classifier) implies its values differ (classifier.path, ...): name the choice.
+        differ = [k for k in differ if not any(k.startswith(p + ".") for p in differ)]
+        # Choices that follow from others (model is classifier or regressor; tuning: ${method}_${dataset}).
+        differ = [k for k in differ if k not in _derived_choices()]
+        if differ:
+            out.append((_label(by, [rs[0].get(k) for k in by]), differ))
+    return sorted(out)
 
 
 def table(records: list[dict], by: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -144,7 +289,38 @@ def render(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return text, pd.DataFrame(numeric)
 
 
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                   "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def latex_escape(s) -> str:
+    """Text -> LaTeX text: specials escaped, '±' as $\\pm$."""
+    return " $\\pm$ ".join("".join(_LATEX_SPECIALS.get(c, c) for c in part)
+                           for part in str(s).replace(" ± ", "±").split("±"))
+
+
+def to_latex(text: pd.DataFrame, numeric_cols: set[str] = frozenset()) -> str:
+    """A booktabs tabular that compiles: headers and cells escaped, numbers right-aligned."""
+    cols = list(text.columns)
+    align = "".join("r" if c in numeric_cols else "l" for c in cols)
+    lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule",
+             " & ".join(latex_escape(c) for c in cols) + " \\\\", "\\midrule"]
+    for _, row in text.iterrows():
+        lines.append(" & ".join(latex_escape(v) for v in row) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    try:
+        return aggregate(argv)
+    except CfxError as e:
+        print(f"cfx: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(prog="cfx aggregate", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="job folders or folders holding them (e.g. a sweep folder)")
     ap.add_argument("--by", nargs="+", default=["method"],
@@ -157,19 +333,29 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not jobs:
         print(f"cfx aggregate: error: no job folders under {' '.join(args.paths)}", file=sys.stderr)
         raise SystemExit(2)
-    records = merge_shards([job_record(j) for j in jobs])
+    records = [job_record(j) for j in jobs]
+    check_by(records, args.by)
+    records = merge_shards(records) + missing_sweep_jobs(args.paths, jobs)
     df = table(records, args.by, args.metrics)
+    mixed = mixed_rows(records, args.by)
+    for label, keys in mixed:
+        print(f"cfx aggregate: warning: row {label} mixes jobs that differ in {', '.join(keys)}; add them to --by",
+              file=sys.stderr)
     text, numeric = render(df)
     out = Path(args.out or args.paths[0])
     out.mkdir(parents=True, exist_ok=True)
     md = text.to_markdown(index=False) if len(text) else "(no finished jobs)"
+    if mixed:
+        md += ("\n\nNote: the ± spread of these rows is not only over seeds: their jobs differ in config keys "
+               "not in --by (add them to --by to split the rows):\n"
+               + "\n".join(f"- {label}: {', '.join(keys)}" for label, keys in mixed))
     (out / "table.md").write_text(md + "\n")
     numeric.to_csv(out / "table.csv", index=False)
-    (out / "table.tex").write_text(text.to_latex(index=False) if len(text) else "")
+    (out / "table.tex").write_text(to_latex(text, set(df.columns) - set(args.by)) if len(text) else "")
     print(md)
     problems = [r for r in records if r["state"] != "done"]
     if problems:
-        print(f"\n{len(problems)} job(s) not included:")
+        print(f"\n{len(problems)} job(s) not included (missing or failed):")
         for r in problems:
             print(f"  {r['state']:8s} {r['job']}" + (f"  ({r['error']})" if r.get("error") else ""))
     print(f"\nwrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.tex'}")

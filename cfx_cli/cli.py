@@ -24,6 +24,22 @@ examples:
   cfx aggregate outputs/multirun
 """
 
+TRAIN_USAGE = """usage: cfx train WHAT [overrides...]
+
+Reproduce a shipped model of the synthetic benchmark and write it to the zoo (cfx_cli/zoo/WHAT).
+
+WHAT: synthetic_ddpm, synthetic_shape, synthetic_shape_biased, synthetic_size, synthetic_oracle
+      (settings in conf/trainable/WHAT.yaml; each shipped model records its command)
+
+overrides: device=cpu|cuda  threads=N  seed=N  out=FOLDER  work_dir=FOLDER (checkpoints: a killed run
+           resumes there)  trainable.steps=N  trainable.batch_size=N ...
+
+examples:
+  cfx train synthetic_shape
+  cfx train synthetic_ddpm device=cuda
+  cfx train synthetic_ddpm trainable.steps=500 out=/tmp/my_ddpm     # a quick try, not into the zoo
+"""
+
 
 def _user_error(exc: BaseException) -> str | None:
     """The one-line message of an error a user can fix, or None for a bug (shown in full)."""
@@ -95,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     if cmd == "run":
         _hydra("cfx run", "config", rest, _run_task)
     elif cmd == "train":
+        if rest and rest[0] in ("-h", "--help"):
+            print(TRAIN_USAGE)
+            return
         if not rest or "=" in rest[0] or rest[0].startswith("-"):
             print("cfx: error: cfx train needs WHAT: one of synthetic_ddpm, synthetic_shape, "
                   "synthetic_shape_biased, synthetic_size, synthetic_oracle", file=sys.stderr)

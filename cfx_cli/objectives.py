@@ -38,6 +38,8 @@ class ClassificationObjective:
 
     def target(self, output: Tensor) -> Tensor:
         if self.mode == "class":
+            if not 0 <= int(self.value) < output.shape[1]:
+                raise CfxError(f"target.value={self.value} is not a class of this classifier (0..{output.shape[1] - 1})")
             return torch.full((output.shape[0],), int(self.value), dtype=torch.long, device=output.device)
         if output.shape[1] != 2:
             raise CfxError(f"target.mode=flip needs a binary classifier, this one has {output.shape[1]} classes; "

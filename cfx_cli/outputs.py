@@ -61,11 +61,22 @@ class JobWriter:
         self.samples_path = self.dir / "samples.csv"
         self.status_path = self.dir / "status.json"
         self._columns: list[str] | None = None
+        self._drop_torn_tail()
         if self.samples_path.exists() and self.samples_path.stat().st_size > 0:
             with open(self.samples_path, newline="") as fh:
                 self._columns = next(csv.reader(fh), None)
 
     # ----------------------------------------------------------------- resume
+    def _drop_torn_tail(self):
+        """A kill mid-write can leave a last row without its newline: cut it, so that the sample
+        is redone rather than counted done from a partial row, and the next row starts a line."""
+        if not self.samples_path.exists():
+            return
+        data = self.samples_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.samples_path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
     def done_indices(self) -> set[int]:
         if not self.samples_path.exists() or self.samples_path.stat().st_size == 0:
             return set()

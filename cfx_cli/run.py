@@ -1,6 +1,7 @@
 """One job: build the parts from the config, explain every image, write the job folder."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -53,6 +54,11 @@ def build(cfg: DictConfig, device: torch.device) -> dict:
     model = model.to(device)
     objective = build_objective(model.task, OmegaConf.to_container(cfg.target, resolve=True))
     diffusion = instantiate(cfg.diffusion).to(device)
+    data_size = getattr(dataset, "image_size", None) or getattr(getattr(dataset, "world", None), "image_size", None)
+    if data_size and diffusion.image_size and int(data_size) != int(diffusion.image_size):
+        raise CfxError(f"dataset.image_size={data_size} but the diffusion model makes {diffusion.image_size}×"
+                       f"{diffusion.image_size} images: set dataset.image_size={diffusion.image_size} "
+                       f"(images travel at the generative model's resolution)")
     perceptual = None
     if float(cfg.method.get("lambda_perc", 0) or 0) > 0:
         from cfx_cli.models.perceptual import VGGPerceptual
@@ -61,6 +67,7 @@ def build(cfg: DictConfig, device: torch.device) -> dict:
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     method_cfg.pop("name", None)
     method_cfg.pop("perceptual_weights", None)
+    method_cfg.pop("classifier_loss", None)  # read by conf/target (target.loss), not by the method
     method = instantiate(method_cfg, diffusion=diffusion, model=model, objective=objective, perceptual=perceptual)
     oracle = None
     if getattr(dataset, "has_factors", False) and cfg.metrics.get("oracle"):
@@ -88,24 +95,69 @@ def _rows(batch, pred, target, cf_pred, result, failed, dist, oracle_vals, secon
     return rows
 
 
+# Keys that do not change a sample's counterfactual: a job may resume with other values
+# (more images, another batch size or device).
+RESUMABLE_KEYS = ("device", "batch_size", "dataset.num_images")
+
+
+def result_config(cfg: DictConfig) -> dict:
+    """The resolved config, flattened, without the keys a resumed job may change."""
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    config = flat(OmegaConf.to_container(cfg, resolve=True))
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RESUMABLE_KEYS}, default=str))
+
+
+def check_resume(writer: JobWriter, config: dict) -> None:
+    """Refuse to append to a job folder whose samples were made with another config."""
+    previous = writer.read_status().get("config")
+    done = writer.done_indices()
+    if not done or previous is None or previous == config:
+        return
+    # names of config choices first (method.name, ...), then changed values, then keys only one side has
+    keys = sorted((k for k in set(previous) | set(config) if previous.get(k) != config.get(k)),
+                  key=lambda k: (not k.endswith(".name"), k not in previous or k not in config, k))
+    shown = ", ".join(f"{k}={previous.get(k)!r}->{config.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+    raise CfxError(f"hydra.run.dir={writer.dir} holds {len(done)} samples made with another config ({shown}): "
+                   f"re-run with the same overrides to resume, or choose a new hydra.run.dir")
+
+
 def job(cfg: DictConfig, job_dir: str | Path) -> dict:
     """Run (or resume) one job into ``job_dir``; returns its set-level metrics."""
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     writer = JobWriter(job_dir)
+    config = result_config(cfg)
+    check_resume(writer, config)
     started = time.time()
     writer.status(state="running", started=writer.read_status().get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
-                  error=None, device=str(device))
+                  error=None, config=config)
+    bar = None
     try:
+        device = resolve_device(cfg.device)
+        writer.status(device=str(device))
+        if int(cfg.batch_size) < 1:
+            raise CfxError(f"batch_size={cfg.batch_size} must be at least 1")
+        torch.manual_seed(cfg.seed)
         parts = build(cfg, device)
         dataset, model, objective, method = parts["dataset"], parts["model"], parts["objective"], parts["method"]
         task = model.task
+        if len(dataset) == 0:
+            raise CfxError(f"the dataset has no images (dataset.num_images={cfg.dataset.get('num_images')}): "
+                           f"ask for at least one")
         indices = shard_indices(len(dataset), cfg.data.shard, cfg.data.num_shards)
         done = writer.done_indices()
         todo = [i for i in indices if i not in done]
         writer.status(total=len(indices), resumed_from=len(done & set(indices)), task=task)
         bs = int(cfg.batch_size)
-        bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.method.name}", unit="cf")
+        # delay: an error in the first batch (a bad target, say) prints its line without a bar before it
+        bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.method.name}", unit="cf",
+                   delay=1.0)
         for start in range(0, len(todo), bs):
             batch = dataset.batch(todo[start:start + bs])
             x = batch["x"].to(device)
@@ -142,6 +194,9 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
                       seconds=round(time.time() - started, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         return metrics
     except BaseException as e:  # record why, then let the CLI report it
+        if bar is not None:  # wipe the bar's line so that the error line stands alone
+            bar.leave = False
+            bar.close()
         writer.status(state="failed", error=f"{type(e).__name__}: {e}".strip()[:2000])
         raise
 

@@ -75,6 +75,31 @@ def test_a_killed_job_resumes_and_loses_nothing(tmp_path):
         assert np.abs(ia - ib).max() <= 1
 
 
+def test_resume_repairs_a_torn_row_and_refuses_another_config(tmp_path):
+    args = ["run", "dataset.num_images=4", "batch_size=2", "method.respacing=50", "method.tau=15",
+            "method.mask_start=8", "method.scales=[10.0]", run_dir(tmp_path)]
+    cfx(*args)
+    job = tmp_path / "job"
+    before = read_samples(job).sort_values("index")
+    # A kill mid-write: the last row lost its end (no newline).
+    data = (job / "samples.csv").read_bytes()
+    (job / "samples.csv").write_bytes(data[:data.rstrip(b"\n").rfind(b"\n") + 12])
+    cfx(*args)
+    after = read_samples(job).sort_values("index")
+    assert list(after["index"]) == [0, 1, 2, 3] and list(after["success"]) == list(before["success"])
+    assert json.loads((job / "status.json").read_text())["resumed_from"] == 3
+    # Another method into the same folder would mix two jobs' samples: refused, nothing touched.
+    data = (job / "samples.csv").read_bytes()
+    proc = cfx("run", "method=dime", *[a for a in args[1:] if not a.startswith("method.mask_start")], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"cfx: error: hydra.run.dir={job} holds 4 samples made with another config (")
+    assert "method.name='fastdime'->'dime'" in proc.stderr
+    assert (job / "samples.csv").read_bytes() == data
+    # More images (or another batch size or device) is the same job, extended.
+    cfx(*[a.replace("num_images=4", "num_images=5").replace("batch_size=2", "batch_size=1") for a in args])
+    assert list(read_samples(job).sort_values("index")["index"]) == [0, 1, 2, 3, 4]
+
+
 def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, monkeypatch):
     from cfx_cli.data.synthetic import SyntheticDataset
     from cfx_cli.run import job
@@ -105,9 +130,25 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     ("classifier.path=/nonexistent/clf", "classifier.path=/nonexistent/clf is not a cfx zoo model"),
     ("dataset=folder", "dataset.root has no value"),
     ("method.variant=3", "method.variant='3' is unknown"),
+    ("method.tau=500", "method.tau=500 must lie in 1..50"),
+    ("method.respacing=5000", "method.respacing=5000 must lie in 1..1000"),
+    ("method.mask_start=20", "method.mask_start=20 must lie in 0..14"),
+    ("method.mask_dilation=4", "method.mask_dilation=4 must be odd"),
+    ("method.scales=[]", "method.scales is empty"),
+    ("method=dime method.lambda_perc=30", "method.perceptual_weights is null"),
+    ("dataset.split=tst", "dataset.split='tst' is unknown"),
+    ("dataset.num_images=0", "the dataset has no images"),
+    ("dataset.image_size=64", "dataset.image_size=64 but the diffusion model makes 32×32 images"),
+    ("batch_size=0", "batch_size=0 must be at least 1"),
+    ("target=class target.value=5", "target.value=5 is not a class of this classifier"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, override, needle):
-    proc = cfx("run", override, *FAST, run_dir(tmp_path), check=False)
+    overrides = override.split()
+    keys = {o.split("=")[0] for o in overrides}
+    if "method=dime" in overrides:
+        keys.add("method.mask_start")  # FastDiME's key
+    fast = [o for o in FAST if o.split("=")[0] not in keys]
+    proc = cfx("run", *overrides, *fast, run_dir(tmp_path), check=False)
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == [lines[0]] and lines[0].startswith("cfx: error:") and needle in lines[0], proc.stderr

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cfx_cli.errors import CfxError
+
 ALL_SHAPES = ("circle", "square", "triangle")
 OBJECT_COLOURS = ((0.95, 0.85, 0.20), (0.20, 0.85, 0.95), (0.95, 0.50, 0.75))
 BACKGROUND_COLOURS = ((0.10, 0.15, 0.40), (0.10, 0.32, 0.15), (0.38, 0.10, 0.12), (0.30, 0.30, 0.30))
@@ -46,9 +48,9 @@ class SyntheticWorld:
         self.size_range = tuple(float(v) for v in self.size_range)
         unknown = [s for s in self.shapes if s not in ALL_SHAPES]
         if unknown:
-            raise ValueError(f"dataset.shapes has unknown shape(s) {unknown}; choose from {list(ALL_SHAPES)}")
+            raise CfxError(f"dataset.shapes has unknown shape(s) {unknown}; choose from {list(ALL_SHAPES)}")
         if self.rho is not None and not 0.0 <= self.rho <= 1.0:
-            raise ValueError(f"dataset.rho={self.rho} must lie in [0, 1] (or be null for an unbiased split)")
+            raise CfxError(f"dataset.rho={self.rho} must lie in [0, 1] (or be null for an unbiased split)")
         self.shape_ids = [ALL_SHAPES.index(s) for s in self.shapes]
         self._coords = None
 
@@ -157,7 +159,7 @@ class SyntheticDataset:
     def __init__(self, split: str = "test", num_images: int = 32, seed: int = 0, image_size: int = 32,
                  shapes=("circle", "square"), size_range=(0.16, 0.30), rho: float | None = None, **_):
         if split not in SPLITS:
-            raise ValueError(f"dataset.split={split!r} is unknown; use one of {list(SPLITS)}")
+            raise CfxError(f"dataset.split={split!r} is unknown; use one of {list(SPLITS)}")
         self.world = SyntheticWorld(image_size=image_size, shapes=tuple(shapes), size_range=tuple(size_range), rho=rho)
         self.split, self.num_images, self.seed = split, int(num_images), int(seed)
         self.classes = list(self.world.shapes)

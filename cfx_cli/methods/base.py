@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cfx_cli.errors import CfxError
+
 
 @dataclass
 class CFResult:
@@ -57,7 +59,7 @@ def difference_mask(x_a: Tensor, x_b: Tensor, dilation: int, threshold: float) -
     Normalising divides by the per-image maximum, as the public FastDiME / ACE code does.
     """
     if dilation % 2 == 0:
-        raise ValueError(f"mask dilation={dilation} must be odd (a centred k×k window)")
+        raise CfxError(f"method.mask_dilation={dilation} must be odd (a centred k×k window), e.g. 5")
     d = (x_a - x_b).abs().sum(1, keepdim=True)
     d = d / d.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
     if dilation > 1:

@@ -6,7 +6,7 @@ of O(τ²). No 1/√ᾱ_t rescaling by default. From step ``mask_start`` on, the
     m = dilate(normalise(Σ_c |x̂ − x|)) > threshold
     x̂ ← m x̂ + (1 − m) x,      z_t ← m z_t + (1 − m) q_sample(x, t)
 
-keeps the edit local. Variants (``variant``):
+keeps the edit local (``mask_start`` null: halfway through the τ steps, the paper's 30 of 60). Variants (``variant``):
 
 - ``mask``   (FastDiME):    one pass with the self-optimised mask;
 - ``nomask``:               one pass, no mask;
@@ -27,12 +27,18 @@ class FastDiME:
 
     def __init__(self, diffusion, model, objective, variant="mask", respacing=200, tau=60,
                  scales=(8.0, 10.0, 15.0), lambda_l1=0.05, lambda_perc=0.0, perceptual=None,
-                 rescale_sqrt_alpha=False, mask_start=30, mask_dilation=5, mask_threshold=0.15,
+                 rescale_sqrt_alpha=False, mask_start=None, mask_dilation=5, mask_threshold=0.15,
                  public_code_offset=True, public_mask_noise=True):
         variant = str(variant)
         if variant not in VARIANTS:
             raise CfxError(f"method.variant={variant!r} is unknown; use one of {list(VARIANTS)}")
         self.variant = variant
+        if mask_start is None:  # halfway, as the paper's step 30 of 60, whatever tau is
+            mask_start = int(tau) // 2
+        if variant in ("mask", "2+") and not 0 <= int(mask_start) < int(tau):
+            # otherwise the self-optimised mask would silently never switch on (the variant would be nomask)
+            raise CfxError(f"method.mask_start={mask_start} must lie in 0..{int(tau) - 1} (method.tau={tau} guided "
+                           f"steps); the paper masks from step 30 of 60, e.g. method.mask_start={int(tau) // 2}")
         self.guided = GuidedDiffusion(diffusion, model, objective, respacing=respacing, tau=tau, scales=scales,
                                       lambda_l1=lambda_l1, lambda_perc=lambda_perc, perceptual=perceptual,
                                       rescale_sqrt_alpha=rescale_sqrt_alpha, clean_estimate="tweedie",

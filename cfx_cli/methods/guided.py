@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cfx_cli.errors import CfxError
 from cfx_cli.methods.base import CFResult, SampleRNG, difference_mask
 
 
@@ -22,10 +23,16 @@ class GuidedDiffusion:
                  lambda_l1=0.05, lambda_perc=0.0, perceptual=None, rescale_sqrt_alpha=True,
                  clean_estimate="chain", public_code_offset=True, mask_start=None, mask_dilation=5,
                  mask_threshold=0.15, public_mask_noise=True):
+        full = diffusion.base_schedule.num_timesteps
+        if isinstance(respacing, int) and not 0 < respacing <= full:
+            raise CfxError(f"method.respacing={respacing} must lie in 1..{full} (the DDPM's training steps)")
+        if not scales:
+            raise CfxError("method.scales is empty: give the guidance scales to try in turn, e.g. method.scales=[8,10,15]")
         self.diffusion = diffusion.respaced(respacing)
         self.model, self.objective = model, objective
         if not 0 < tau <= self.diffusion.num_steps:
-            raise ValueError(f"method.tau={tau} must lie in 1..{self.diffusion.num_steps} (the respaced steps)")
+            raise CfxError(f"method.tau={tau} must lie in 1..{self.diffusion.num_steps} (the respaced steps); "
+                           f"lower method.tau or raise method.respacing")
         self.tau, self.scales = int(tau), [float(s) for s in scales]
         self.lambda_l1, self.lambda_perc, self.perceptual = float(lambda_l1), float(lambda_perc), perceptual
         self.rescale_sqrt_alpha, self.clean_estimate = rescale_sqrt_alpha, clean_estimate
@@ -33,6 +40,8 @@ class GuidedDiffusion:
         # corrected version noises to τ−1. Both run τ guided steps.
         self.noise_index = self.tau if public_code_offset else self.tau - 1
         self.noise_index = min(self.noise_index, self.diffusion.num_steps - 1)
+        if mask_start is not None and int(mask_dilation) % 2 == 0:  # say so now, not when the mask first switches on
+            raise CfxError(f"method.mask_dilation={mask_dilation} must be odd (a centred k×k window), e.g. 5")
         self.mask_start, self.mask_dilation, self.mask_threshold = mask_start, mask_dilation, mask_threshold
         self.public_mask_noise = public_mask_noise
 

@@ -84,7 +84,7 @@ def load_diffusers_ddpm(path: str | Path, variance: str = "fixed_small", clip_de
     path = Path(path)
     if not path.exists():
         raise CfxError(f"{key}={path} does not exist: point it to a diffusers-format DDPM folder "
-                       f"(e.g. the shipped cfx_cli/zoo/synthetic_ddpm, or one made by `cfx train ddpm`)")
+                       f"(e.g. the shipped cfx_cli/zoo/synthetic_ddpm, or one made by `cfx train synthetic_ddpm`)")
     unet_dir = path / "unet" if (path / "unet").is_dir() else path
     sched_file = next((p for p in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json")
                        if p.exists()), None)

@@ -27,7 +27,7 @@ def vgg19_features(upto: int = 18) -> nn.Sequential:
 
 
 class VGGPerceptual(nn.Module):
-    def __init__(self, weights: str | None, upto: int = 18, key: str = "method.perceptual.weights"):
+    def __init__(self, weights: str | None, upto: int = 18, key: str = "method.perceptual_weights"):
         super().__init__()
         if not weights:
             raise CfxError(f"{key} is null but the perceptual weight is > 0: set {key}=<vgg19 state dict "

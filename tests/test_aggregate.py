@@ -1,0 +1,194 @@
+"""`cfx aggregate` on hand-made job folders: mixed rows, missing shards and sweep jobs, LaTeX, --by errors."""
+import json
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from cfx_cli import aggregate
+from conftest import cfx
+
+
+def make_job(folder, *, method="dime", seed=0, shard=0, num_shards=1, state="done", metrics=None, samples=None,
+             num=None, classifier="synthetic_shape", task="classification", error=None, **values):
+    """A job folder as `cfx run` writes it: .hydra/{config,hydra}.yaml, status.json, metrics.csv, samples.csv.
+
+    ``values`` are dotted config keys (method.respacing=50) set on top of the defaults below.
+    """
+    cfg = {"dataset": {"name": "synthetic", "num_images": 4},
+           "classifier": {"name": classifier, "path": f"zoo/{classifier}.pt", "task": task},
+           "method": {"name": method, "respacing": 50, "tau": 15},
+           "seed": seed, "device": "auto", "batch_size": 4, "data": {"shard": shard, "num_shards": num_shards}}
+    for key, v in values.items():
+        *parents, last = key.split("__")
+        d = cfg
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = v
+    choices = {"dataset": "synthetic", "classifier": classifier, "regressor": None, "method": method,
+               "tuning": f"{method}_synthetic", "tuning_regressor": f"{method}_None", "hydra/launcher": "basic"}
+    hydra = {"hydra": {"runtime": {"choices": choices}, "job": {"num": num if num is not None else "???"}}}
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    (folder / "status.json").write_text(json.dumps({"state": state, "task": task, "error": error}))
+    if samples is not None:
+        pd.DataFrame(samples).to_csv(folder / "samples.csv", index=False)
+    if metrics is not None:
+        pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())}).to_csv(folder / "metrics.csv",
+                                                                                      index=False)
+    return folder
+
+
+def run(capsys, *argv):
+    df = aggregate.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return df, cap.out, cap.err
+
+
+# --------------------------------------------------------------------------- 1: rows mixing configs
+def test_row_mixing_other_config_values_is_flagged(tmp_path, capsys):
+    make_job(tmp_path / "a", method="dime", seed=0, metrics={"flip_rate": 1.0})
+    make_job(tmp_path / "b", method="dime", seed=1, classifier="synthetic_shape_biased", method__respacing=100,
+             metrics={"flip_rate": 0.5})
+    # fastdime: differs only in seed, device, batch_size: a plain mean over seeds, no warning.
+    make_job(tmp_path / "c", method="fastdime", seed=0, metrics={"flip_rate": 0.75})
+    make_job(tmp_path / "d", method="fastdime", seed=1, device="cpu", batch_size=2, metrics={"flip_rate": 0.25})
+    _, out, err = run(capsys, tmp_path)
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert warnings == ["cfx aggregate: warning: row method=dime mixes jobs that differ in classifier, "
+                        "method.respacing; add them to --by"]
+    # the grouping asked for is kept, the note under the Markdown table names the keys
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert list(table["method"]) == ["dime", "fastdime"] and list(table["n_jobs"]) == [2, 2]
+    assert table.loc[0, "flip_rate_mean"] == pytest.approx(0.75)
+    note = out.split("Note:")[1].split("job(s) not included")[0]
+    assert "- method=dime: classifier, method.respacing" in note and "fastdime" not in note
+    assert "method=dime: classifier, method.respacing" in (tmp_path / "table.md").read_text()
+
+    # with the keys in --by the rows are clean
+    _, out, err = run(capsys, tmp_path, "--by", "method", "classifier", "method.respacing")
+    assert "warning" not in err and "Note:" not in out
+    assert len(pd.read_csv(tmp_path / "table.csv")) == 3
+
+
+# --------------------------------------------------------------------------- 2a: incomplete shards
+def _samples(indices, l1):
+    return {"index": indices, "success": [True] * len(indices), "l1": [l1] * len(indices)}
+
+
+def test_one_shard_of_two_is_missing_not_a_job(tmp_path, capsys):
+    make_job(tmp_path / "s0", shard=0, num_shards=2, samples=_samples([0, 2], 0.1), metrics={"flip_rate": 1.0})
+    df, out, _ = run(capsys, tmp_path, "--metrics", "flip_rate", "l1")
+    assert len(df) == 0 and "(no finished jobs)" in out
+    assert re.search(r"1 job\(s\) not included.*\n  missing .*s0  \(1/2 shards done; shard 1 missing\)", out)
+
+    # the second shard done: one job, its metrics recomputed over both shards' samples
+    make_job(tmp_path / "s1", shard=1, num_shards=2, samples=_samples([1, 3], 0.3), metrics={"flip_rate": 1.0})
+    df, out, _ = run(capsys, tmp_path, "--metrics", "flip_rate", "l1", "num_samples")
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert list(table["n_jobs"]) == [1] and table.loc[0, "num_samples_mean"] == 4
+    assert table.loc[0, "l1_mean"] == pytest.approx(0.2) and "not included" not in out
+
+
+def test_failed_shard_makes_the_job_failed(tmp_path, capsys):
+    make_job(tmp_path / "s0", shard=0, num_shards=2, samples=_samples([0, 2], 0.1))
+    make_job(tmp_path / "s1", shard=1, num_shards=2, state="failed", error="boom")
+    _, out, _ = run(capsys, tmp_path)
+    assert "failed" in out and "1/2 shards done; shard 1 failed or missing" in out
+
+
+# --------------------------------------------------------------------------- 2b: absent sweep jobs
+def make_sweep(sweep, task, params=None, present=(), sweeper="hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+    sweep.mkdir(parents=True)
+    multirun = {"hydra": {"sweep": {"dir": "/somewhere/else"},
+                          "sweeper": {"_target_": sweeper, "max_batch_size": None, "params": params},
+                          "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": task}}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun, sort_keys=False))  # as OmegaConf.save
+    for num, name in present:
+        make_job(sweep / f"{num}_{name}", num=num, metrics={"flip_rate": 1.0})
+
+
+def test_sweep_lists_job_numbers_without_a_folder(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, ["method=dime,fastdime", "seed=0,1", "dataset.num_images=4"],
+               present=[(0, "method=dime,seed=0"), (1, "method=dime,seed=1"), (2, "method=fastdime,seed=0")])
+    _, out, _ = run(capsys, sweep)
+    listing = out.split("job(s) not included")[1]
+    assert out.count("job(s) not included") == 1 and "\n1 job(s) not included" in out
+    assert f"  missing  {sweep}/3_*  (job 3 of the sweep {sweep}: no folder (method=fastdime seed=1))" in listing
+    assert "job 0 " not in listing and "job 2 " not in listing
+
+
+def test_sweep_counts_experiment_params_with_hydras_parser(tmp_path):
+    # as BasicSweeper: hydra.sweeper.params first, the command line replaces a key (seed: 3 choices, not 2)
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, ["experiment=synthetic_table", "seed=0,1,2", "method.tau=range(10,30,10)"],
+               params={"method": "dime,fastdime", "classifier": "synthetic_shape,synthetic_shape_biased",
+                       "seed": "0,1"})
+    jobs = aggregate.sweep_jobs(sweep / "multirun.yaml")
+    assert len(jobs) == 2 * 2 * 3 * 2
+    assert jobs[0] == "method=dime classifier=synthetic_shape seed=0 method.tau=10"
+    assert jobs[-1] == "method=fastdime classifier=synthetic_shape_biased seed=2 method.tau=20"
+    missing = aggregate.missing_sweep_jobs([str(tmp_path)], [])
+    assert [m["error"].split(":")[0] for m in missing] == [f"job {n} of the sweep {sweep}" for n in range(24)]
+    assert all(m["state"] == "missing" for m in missing)
+
+
+def test_sweep_with_other_sweeper_is_not_counted(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, ["method.tau=interval(5,30)"], sweeper="hydra_plugins.optuna.OptunaSweeper")
+    assert aggregate.sweep_jobs(sweep / "multirun.yaml") is None
+    assert aggregate.missing_sweep_jobs([str(sweep)], []) == []
+
+
+# --------------------------------------------------------------------------- 3: LaTeX
+def test_latex_escapes_specials_and_pm(tmp_path, capsys):
+    for seed in (0, 1):
+        make_job(tmp_path / f"v{seed}", seed=seed, method__variant="no_mask&50%",
+                 metrics={"flip_rate": 0.5 + seed / 4, "ideal_cf_l1": 0.1, "seconds_per_cf": 2.0})
+    run(capsys, tmp_path, "--by", "method", "method.variant")
+    tex = (tmp_path / "table.tex").read_text()
+    assert tex.startswith("\\begin{tabular}{llrrrr}") and tex.rstrip().endswith("\\end{tabular}")
+    assert "method.variant & n\\_jobs & flip\\_rate & ideal\\_cf\\_l1 & seconds\\_per\\_cf \\\\" in tex
+    assert "dime & no\\_mask\\&50\\% & 2 & 0.625 $\\pm$ 0.177 & 0.100 $\\pm$ 0.000" in tex
+    assert "±" not in tex
+    assert not re.search(r"(?<!\\)[_&%#]", tex.replace(" & ", " ")), "bare LaTeX special outside a command"
+    assert aggregate.latex_escape("a_b {x} ~ ^ \\ $") == (r"a\_b \{x\} \textasciitilde{} \textasciicircum{} "
+                                                         r"\textbackslash{} \$")
+
+
+# --------------------------------------------------------------------------- 4: --by a key no job has
+def test_by_unknown_key_is_a_one_line_error(tmp_path, capsys):
+    make_job(tmp_path / "a", method__variant="mask", metrics={"flip_rate": 1.0})
+    with pytest.raises(SystemExit) as exc:
+        aggregate.main([str(tmp_path), "--by", "method", "nonsense"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("cfx: error: --by nonsense: no job has this config key; keys look like "
+                                       "method, classifier, method.variant, dataset.num_images\n")
+    with pytest.raises(aggregate.CfxError):
+        aggregate.aggregate([str(tmp_path), "--by", "nonsense"])
+    assert not (tmp_path / "table.csv").exists()
+
+
+def test_by_unknown_key_through_the_cli(tmp_path):
+    make_job(tmp_path / "a", method__variant="mask", metrics={"flip_rate": 1.0})
+    proc = cfx("aggregate", str(tmp_path), "--by", "nonsense", check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "cfx: error: --by nonsense: no job has this config key; keys look like method, classifier, "
+        "method.variant, dataset.num_images"]
+
+
+# --------------------------------------------------------------------------- 5: default metrics
+def test_mae_to_target_before_is_a_default_metric(tmp_path, capsys):
+    m = aggregate.DEFAULT_METRICS
+    assert m[m.index("mae_to_target") + 1] == "mae_to_target_before"
+    make_job(tmp_path / "r", task="regression", metrics={"success_rate": 1.0, "mae_to_target": 0.02,
+                                                         "mae_to_target_before": 0.3})
+    run(capsys, tmp_path)
+    table = pd.read_csv(tmp_path / "table.csv")
+    cols = list(table.columns)
+    assert cols.index("mae_to_target_before_mean") == cols.index("mae_to_target_std") + 1
+    assert table.loc[0, "mae_to_target_before_mean"] == pytest.approx(0.3)
