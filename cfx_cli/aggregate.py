@@ -25,7 +25,7 @@ import yaml
 
 from cfx_cli.errors import CfxError
 from cfx_cli.metrics.summary import summarise
-from cfx_cli.outputs import read_metrics, read_samples
+from cfx_cli.outputs import flatten_config, read_metrics, read_samples
 
 DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "mae_to_target_before", "l1", "l2", "mnac",
                    "ideal_cf_l1", "shortcut_reveal_rate", "oracle_flip_rate", "nfe_unet", "nfe_model",
@@ -47,25 +47,12 @@ def find_jobs(paths: list[str]) -> list[Path]:
     return sorted(jobs)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, list):  # e.g. method.scales: a value to group by, and to tell sweeps' jobs apart
-            out[key] = "[" + ", ".join(str(x) for x in v) + "]"
-        else:
-            out[key] = v
-    return out
-
-
 def job_record(job: Path) -> dict:
     """Config choices and values of one job, its state and its metrics."""
     rec: dict = {"job": str(job)}
     cfg_file, hydra_file = job / ".hydra" / "config.yaml", job / ".hydra" / "hydra.yaml"
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-    rec.update(_flatten(cfg or {}))
+    rec.update(flatten_config(cfg or {}))
     if hydra_file.exists():
         choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
         rec.update({k: v for k, v in choices.items() if not k.startswith("hydra/")})

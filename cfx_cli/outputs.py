@@ -159,6 +159,21 @@ def read_samples(job_dir: str | Path) -> pd.DataFrame:
     return df.drop_duplicates("index", keep="first")
 
 
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """A nested config as {"method.tau": 60, ...}; lists as "[a, b]" (e.g. method.scales), so that
+    every value can be grouped by, compared and written to JSON."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = "[" + ", ".join(str(x) for x in v) + "]"
+        else:
+            out[key] = v
+    return out
+
+
 def read_metrics(job_dir: str | Path) -> dict[str, float]:
     path = Path(job_dir) / "metrics.csv"
     if not path.exists():

@@ -17,7 +17,7 @@ from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.metrics.sample import OracleMetrics, distances
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.objectives import build_objective
-from cfx_cli.outputs import JobWriter, diff_image, read_samples
+from cfx_cli.outputs import JobWriter, diff_image, flatten_config, read_samples
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,16 +102,7 @@ RESUMABLE_KEYS = ("device", "batch_size", "dataset.num_images")
 
 def result_config(cfg: DictConfig) -> dict:
     """The resolved config, flattened, without the keys a resumed job may change."""
-    def flat(node, prefix=""):
-        out = {}
-        for k, v in node.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    config = flat(OmegaConf.to_container(cfg, resolve=True))
+    config = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in RESUMABLE_KEYS}, default=str))
 
 
