@@ -78,7 +78,8 @@ def merge_shards(records: list[dict]) -> list[dict]:
     """
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        key = tuple(sorted((k, str(v)) for k, v in r.items() if k not in BOOKKEEPING and k != "data.shard"))
+        key = tuple(sorted((k, str(v)) for k, v in r.items()
+                           if k not in BOOKKEEPING and k not in ("data.shard", "device", "batch_size")))
         groups.setdefault(key, []).append(r)
     merged = []
     for rs in groups.values():

@@ -61,10 +61,24 @@ class JobWriter:
         self.samples_path = self.dir / "samples.csv"
         self.status_path = self.dir / "status.json"
         self._columns: list[str] | None = None
+
+    def start(self):
+        """Start (or resume) writing: repair a torn last row (see _drop_torn_tail)."""
         self._drop_torn_tail()
-        if self.samples_path.exists() and self.samples_path.stat().st_size > 0:
-            with open(self.samples_path, newline="") as fh:
-                self._columns = next(csv.reader(fh), None)
+
+    # Hydra rewrites .hydra/ before a job runs; a copy of the files of the last accepted start
+    # lets a refused resume put them back, so that the folder still describes its samples.
+    def snapshot_hydra(self):
+        src, dst = self.dir / ".hydra", self.dir / ".cfx" / "hydra"
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in src.glob("*.yaml"):
+                _atomic_write_bytes(dst / f.name, lambda p, b=f.read_bytes(): Path(p).write_bytes(b))
+
+    def restore_hydra(self):
+        src, dst = self.dir / ".cfx" / "hydra", self.dir / ".hydra"
+        for f in src.glob("*.yaml") if src.is_dir() else []:
+            _atomic_write_bytes(dst / f.name, lambda p, b=f.read_bytes(): Path(p).write_bytes(b))
 
     # ----------------------------------------------------------------- resume
     def _drop_torn_tail(self):
@@ -101,6 +115,9 @@ class JobWriter:
                 arr = map_to_uint8(batch[i]) if batch.shape[1] == 1 else to_uint8(batch[i])
                 _atomic_write_bytes(folder / f"{row['index']}.png",
                                     lambda p, a=arr: Image.fromarray(a).save(p, format="PNG"))
+        if self._columns is None and self.samples_path.exists() and self.samples_path.stat().st_size > 0:
+            with open(self.samples_path, newline="") as fh:  # resuming: keep the file's columns
+                self._columns = next(csv.reader(fh), None)
         new = self._columns is None
         if new:
             self._columns = list(rows[0].keys())

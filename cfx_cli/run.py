@@ -110,8 +110,12 @@ def check_resume(writer: JobWriter, config: dict) -> None:
     """Refuse to append to a job folder whose samples were made with another config."""
     previous = writer.read_status().get("config")
     done = writer.done_indices()
-    if not done or previous is None or previous == config:
+    if not done or previous == config:
         return
+    writer.restore_hydra()
+    if previous is None:
+        raise CfxError(f"hydra.run.dir={writer.dir} holds {len(done)} samples but no record of their config "
+                       f"(an older cfx made them): choose a new hydra.run.dir")
     # names of config choices first (method.name, ...), then changed values, then keys only one side has
     keys = sorted((k for k in set(previous) | set(config) if previous.get(k) != config.get(k)),
                   key=lambda k: (not k.endswith(".name"), k not in previous or k not in config, k))
@@ -125,6 +129,8 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
     writer = JobWriter(job_dir)
     config = result_config(cfg)
     check_resume(writer, config)
+    writer.start()
+    writer.snapshot_hydra()
     started = time.time()
     writer.status(state="running", started=writer.read_status().get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
                   error=None, config=config)

@@ -84,8 +84,10 @@ def test_one_shard_of_two_is_missing_not_a_job(tmp_path, capsys):
     assert len(df) == 0 and "(no finished jobs)" in out
     assert re.search(r"1 job\(s\) not included.*\n  missing .*s0  \(1/2 shards done; shard 1 missing\)", out)
 
-    # the second shard done: one job, its metrics recomputed over both shards' samples
-    make_job(tmp_path / "s1", shard=1, num_shards=2, samples=_samples([1, 3], 0.3), metrics={"flip_rate": 1.0})
+    # the second shard done (on another device, with another batch size: the same job): one job,
+    # its metrics recomputed over both shards' samples
+    make_job(tmp_path / "s1", shard=1, num_shards=2, samples=_samples([1, 3], 0.3), metrics={"flip_rate": 1.0},
+             device="cuda", batch_size=2)
     df, out, _ = run(capsys, tmp_path, "--metrics", "flip_rate", "l1", "num_samples")
     table = pd.read_csv(tmp_path / "table.csv")
     assert list(table["n_jobs"]) == [1] and table.loc[0, "num_samples_mean"] == 4

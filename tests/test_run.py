@@ -89,12 +89,18 @@ def test_resume_repairs_a_torn_row_and_refuses_another_config(tmp_path):
     assert list(after["index"]) == [0, 1, 2, 3] and list(after["success"]) == list(before["success"])
     assert json.loads((job / "status.json").read_text())["resumed_from"] == 3
     # Another method into the same folder would mix two jobs' samples: refused, nothing touched.
-    data = (job / "samples.csv").read_bytes()
+    files = {f: (job / f).read_bytes() for f in ("samples.csv", ".hydra/config.yaml", ".hydra/overrides.yaml")}
     proc = cfx("run", "method=dime", *[a for a in args[1:] if not a.startswith("method.mask_start")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"cfx: error: hydra.run.dir={job} holds 4 samples made with another config (")
     assert "method.name='fastdime'->'dime'" in proc.stderr
-    assert (job / "samples.csv").read_bytes() == data
+    assert {f: (job / f).read_bytes() for f in files} == files  # Hydra's rewrite of .hydra/ undone too
+    # Samples with no recorded config (an older cfx): not resumed blindly either.
+    status = json.loads((job / "status.json").read_text())
+    (job / "status.json").write_text(json.dumps({k: v for k, v in status.items() if k != "config"}))
+    proc = cfx(*args, check=False)
+    assert proc.returncode == 2 and "holds 4 samples but no record of their config" in proc.stderr
+    (job / "status.json").write_text(json.dumps(status))
     # More images (or another batch size or device) is the same job, extended.
     cfx(*[a.replace("num_images=4", "num_images=5").replace("batch_size=2", "batch_size=1") for a in args])
     assert list(read_samples(job).sort_values("index")["index"]) == [0, 1, 2, 3, 4]
@@ -131,6 +137,7 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     ("dataset=folder", "dataset.root has no value"),
     ("method.variant=3", "method.variant='3' is unknown"),
     ("method.tau=500", "method.tau=500 must lie in 1..50"),
+    ("method.tau=0", "method.tau=0 must lie in 1..50"),
     ("method.respacing=5000", "method.respacing=5000 must lie in 1..1000"),
     ("method.mask_start=20", "method.mask_start=20 must lie in 0..14"),
     ("method.mask_dilation=4", "method.mask_dilation=4 must be odd"),

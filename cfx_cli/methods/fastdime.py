@@ -35,10 +35,6 @@ class FastDiME:
         self.variant = variant
         if mask_start is None:  # halfway, as the paper's step 30 of 60, whatever tau is
             mask_start = int(tau) // 2
-        if variant in ("mask", "2+") and not 0 <= int(mask_start) < int(tau):
-            # otherwise the self-optimised mask would silently never switch on (the variant would be nomask)
-            raise CfxError(f"method.mask_start={mask_start} must lie in 0..{int(tau) - 1} (method.tau={tau} guided "
-                           f"steps); the paper masks from step 30 of 60, e.g. method.mask_start={int(tau) // 2}")
         self.guided = GuidedDiffusion(diffusion, model, objective, respacing=respacing, tau=tau, scales=scales,
                                       lambda_l1=lambda_l1, lambda_perc=lambda_perc, perceptual=perceptual,
                                       rescale_sqrt_alpha=rescale_sqrt_alpha, clean_estimate="tweedie",
@@ -46,6 +42,10 @@ class FastDiME:
                                       mask_start=None if variant == "nomask" else int(mask_start),
                                       mask_dilation=int(mask_dilation), mask_threshold=float(mask_threshold),
                                       public_mask_noise=public_mask_noise)
+        if variant in ("mask", "2+") and not 0 <= int(mask_start) < int(tau):
+            # otherwise the self-optimised mask would silently never switch on (the variant would be nomask)
+            raise CfxError(f"method.mask_start={mask_start} must lie in 0..{int(tau) - 1} (method.tau={tau} guided "
+                           f"steps); the paper masks from step 30 of 60, e.g. method.mask_start={int(tau) // 2}")
 
     def explain(self, x, target, rng):
         g = self.guided
