@@ -54,6 +54,13 @@ def write_json(path: Path, data: dict):
     _atomic_write_bytes(Path(path), lambda p: p.write_text(json.dumps(data, indent=1, default=float)))
 
 
+def _copy_yaml(src: Path, dst: Path):
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.glob("*.yaml"):
+            _atomic_write_bytes(dst / f.name, lambda p, b=f.read_bytes(): Path(p).write_bytes(b))
+
+
 class JobWriter:
     def __init__(self, job_dir: str | Path):
         self.dir = Path(job_dir)
@@ -62,28 +69,19 @@ class JobWriter:
         self.status_path = self.dir / "status.json"
         self._columns: list[str] | None = None
 
-    def start(self):
-        """Start (or resume) writing: repair a torn last row (see _drop_torn_tail)."""
-        self._drop_torn_tail()
-
     # Hydra rewrites .hydra/ before a job runs; a copy of the files of the last accepted start
     # lets a refused resume put them back, so that the folder still describes its samples.
     def snapshot_hydra(self):
-        src, dst = self.dir / ".hydra", self.dir / ".cfx" / "hydra"
-        if src.is_dir():
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in src.glob("*.yaml"):
-                _atomic_write_bytes(dst / f.name, lambda p, b=f.read_bytes(): Path(p).write_bytes(b))
+        _copy_yaml(self.dir / ".hydra", self.dir / ".cfx" / "hydra")
 
     def restore_hydra(self):
-        src, dst = self.dir / ".cfx" / "hydra", self.dir / ".hydra"
-        for f in src.glob("*.yaml") if src.is_dir() else []:
-            _atomic_write_bytes(dst / f.name, lambda p, b=f.read_bytes(): Path(p).write_bytes(b))
+        _copy_yaml(self.dir / ".cfx" / "hydra", self.dir / ".hydra")
 
     # ----------------------------------------------------------------- resume
-    def _drop_torn_tail(self):
-        """A kill mid-write can leave a last row without its newline: cut it, so that the sample
-        is redone rather than counted done from a partial row, and the next row starts a line."""
+    def start(self):
+        """Start (or resume) writing. A kill mid-write can leave a last row without its newline:
+        cut it, so that the sample is redone rather than counted done from a partial row, and
+        the next row starts a line."""
         if not self.samples_path.exists():
             return
         data = self.samples_path.read_bytes()

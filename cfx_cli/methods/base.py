@@ -53,13 +53,17 @@ def _as_indices(rows: Tensor) -> list[int]:
     return rows.tolist()
 
 
+def check_dilation(dilation: int) -> None:
+    if int(dilation) % 2 == 0:
+        raise CfxError(f"method.mask_dilation={dilation} must be odd (a centred k×k window), e.g. 5")
+
+
 def difference_mask(x_a: Tensor, x_b: Tensor, dilation: int, threshold: float) -> Tensor:
     """m = dilate_k(normalise(Σ_c |x_a − x_b|)) > threshold, per sample (FastDiME, ACE).
 
     Normalising divides by the per-image maximum, as the public FastDiME / ACE code does.
     """
-    if dilation % 2 == 0:
-        raise CfxError(f"method.mask_dilation={dilation} must be odd (a centred k×k window), e.g. 5")
+    check_dilation(dilation)
     d = (x_a - x_b).abs().sum(1, keepdim=True)
     d = d / d.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
     if dilation > 1:

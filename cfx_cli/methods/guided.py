@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from cfx_cli.errors import CfxError
-from cfx_cli.methods.base import CFResult, SampleRNG, difference_mask
+from cfx_cli.methods.base import CFResult, SampleRNG, check_dilation, difference_mask
 
 
 class GuidedDiffusion:
@@ -40,8 +40,8 @@ class GuidedDiffusion:
         # corrected version noises to τ−1. Both run τ guided steps.
         self.noise_index = self.tau if public_code_offset else self.tau - 1
         self.noise_index = min(self.noise_index, self.diffusion.num_steps - 1)
-        if mask_start is not None and int(mask_dilation) % 2 == 0:  # say so now, not when the mask first switches on
-            raise CfxError(f"method.mask_dilation={mask_dilation} must be odd (a centred k×k window), e.g. 5")
+        if mask_start is not None:  # say so now, not when the mask first switches on
+            check_dilation(mask_dilation)
         self.mask_start, self.mask_dilation, self.mask_threshold = mask_start, mask_dilation, mask_threshold
         self.public_mask_noise = public_mask_noise
 
