@@ -1,6 +1,7 @@
 """One job: build the parts from the config, explain every image, write the job folder."""
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from cfx_cli.errors import CfxError
 from cfx_cli.methods.base import SampleRNG
 from cfx_cli.metrics.cost import PeakMemory
+from cfx_cli.models.counting import CostMeter, Counted
 from cfx_cli.metrics.sample import OracleMetrics, distances
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.objectives import build_objective
@@ -47,52 +49,88 @@ def shard_indices(n: int, shard: int, num_shards: int) -> list[int]:
     return list(range(shard, n, num_shards))
 
 
+def instantiate_method(node: DictConfig, parts: dict):
+    """The method of ``node`` (``_target_`` + its own keys) with the typed parts its constructor names."""
+    from hydra.utils import get_class
+
+    cfg = OmegaConf.to_container(node, resolve=True)
+    cls = get_class(cfg.pop("_target_"))
+    name = cfg.pop("name", cls.__name__.lower())
+    params = inspect.signature(cls.__init__).parameters
+    unknown = [k for k in cfg if k not in params or k in parts]
+    if unknown:
+        keys = sorted(k for k in params if k not in ("self", *parts))
+        raise CfxError(f"method.{unknown[0]} is not a key of method={name}; its keys are {', '.join(keys)}")
+    missing = [role for role, p in params.items() if role in PART_ROLES and p.default is inspect.Parameter.empty
+               and parts.get(role) is None]
+    if missing:
+        raise CfxError(f"method={name} needs a {missing[0]} (choose {missing[0]}=<name>)")
+    return cls(**cfg, **{role: part for role, part in parts.items() if role in params})
+
+
+# The typed parts a method may ask for by naming them in its constructor.
+PART_ROLES = ("sampler", "generative", "model", "robust_model", "objective")
+
+
 def build(cfg: DictConfig, device: torch.device) -> dict:
-    """Every part of a job, built once."""
+    """Every part of a job, built once; the UNet and the explained models are wrapped in counters."""
+    meter = CostMeter()
     dataset = instantiate(cfg.dataset)
     model, model_key = explained_model(cfg)
-    model = model.to(device)
-    objective = build_objective(model.task, OmegaConf.to_container(cfg.target, resolve=True))
-    diffusion = instantiate(cfg.diffusion).to(device)
+    model = Counted(model.to(device), meter, "model")
+    generative = instantiate(cfg.diffusion).to(device)
     data_size = getattr(dataset, "image_size", None) or getattr(getattr(dataset, "world", None), "image_size", None)
-    if data_size and diffusion.image_size and int(data_size) != int(diffusion.image_size):
-        raise CfxError(f"dataset.image_size={data_size} but the diffusion model makes {diffusion.image_size}×"
-                       f"{diffusion.image_size} images: set dataset.image_size={diffusion.image_size} "
+    if data_size and generative.image_size and int(data_size) != int(generative.image_size):
+        raise CfxError(f"dataset.image_size={data_size} but the diffusion model makes {generative.image_size}×"
+                       f"{generative.image_size} images: set dataset.image_size={generative.image_size} "
                        f"(images travel at the generative model's resolution)")
-    perceptual = None
-    if float(cfg.method.get("lambda_perc", 0) or 0) > 0:
-        from cfx_cli.models.perceptual import VGGPerceptual
-
-        perceptual = VGGPerceptual(cfg.method.get("perceptual_weights")).to(device)
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method_cfg.pop("name", None)
-    method_cfg.pop("perceptual_weights", None)
-    method_cfg.pop("classifier_loss", None)  # read by conf/target (target.loss), not by the method
-    method = instantiate(method_cfg, diffusion=diffusion, model=model, objective=objective, perceptual=perceptual)
+    generative = Counted(generative, meter, "unet")
+    sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
+    sampler_cfg.pop("name", None)
+    sampler = instantiate(sampler_cfg, model=generative)
+    objective = build_objective(model, OmegaConf.to_container(cfg.target, resolve=True),
+                                query=getattr(dataset, "query_index", None))
+    robust = None
+    if cfg.get("robust_model"):
+        robust = Counted(instantiate(cfg.robust_model).to(device), meter, "robust_model")
+    parts = {"sampler": sampler, "generative": generative, "model": model, "robust_model": robust,
+             "objective": objective}
+    method = instantiate_method(cfg.method, parts)
     oracle = None
     if getattr(dataset, "has_factors", False) and cfg.metrics.get("oracle"):
         oracle = OracleMetrics(instantiate(cfg.metrics.oracle).to(device), dataset.world,
                                size_tol=cfg.metrics.size_tol, pos_tol=cfg.metrics.pos_tol)
     return {"dataset": dataset, "model": model, "model_key": model_key, "objective": objective,
-            "diffusion": diffusion, "method": method, "oracle": oracle}
+            "diffusion": generative, "sampler": sampler, "method": method, "oracle": oracle, "meter": meter}
 
 
-def _rows(batch, pred, target, cf_pred, result, failed, dist, oracle_vals, seconds, peak_mib, task):
+def _rows(batch, pred, target, cf_pred, success, result, failed, dist, oracle_vals, cost, seconds, peak_mib, task):
     rows = []
     for i, index in enumerate(batch["index"]):
         row = {"index": index, "id": batch["id"][i],
                "label": batch["label"][i].item() if task == "classification" else batch["value"][i].item(),
                "pred": pred[i].item(), "target": target[i].item(), "cf_pred": cf_pred[i].item(),
-               "success": bool(result.success[i]) and not bool(failed[i]), "failed": bool(failed[i]),
+               "success": bool(success[i]) and not bool(failed[i]), "failed": bool(failed[i]),
                "l1": dist["l1"][i], "l2": dist["l2"][i]}
         for k, v in (oracle_vals or {}).items():
             row[k] = v[i]
         for k, v in result.info.items():
             row[k] = v[i].item()
-        row.update(nfe_unet=int(result.nfe_unet[i]), nfe_model=int(result.nfe_model[i]), seconds=seconds,
-                   peak_mem_mib=round(peak_mib, 1))
+        row.update({k: int(v[i]) for k, v in cost.items()})
+        row.update(seconds=seconds, peak_mem_mib=round(peak_mib, 1))
         rows.append(row)
     return rows
+
+
+def cost_columns(meter: CostMeter) -> dict:
+    """nfe_<role> (forward evaluations) and nfe_<role>_backward per sample; the UNet and the
+    explained model always get both columns, other roles (robust_model) when they were used."""
+    roles = ["unet", "model", *sorted(r for r in meter.counts if r not in ("unet", "model"))]
+    cols = {}
+    for role in roles:
+        cols[f"nfe_{role}"] = meter.column(role, "forward")
+        cols[f"nfe_{role}_backward"] = meter.column(role, "backward")
+    return cols
 
 
 # Keys that do not change a sample's counterfactual: a job may resume with other values
@@ -143,6 +181,7 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
         torch.manual_seed(cfg.seed)
         parts = build(cfg, device)
         dataset, model, objective, method = parts["dataset"], parts["model"], parts["objective"], parts["method"]
+        meter = parts["meter"]
         task = model.task
         if len(dataset) == 0:
             raise CfxError(f"the dataset has no images (dataset.num_images={cfg.dataset.get('num_images')}): "
@@ -163,18 +202,22 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
                 with torch.no_grad():
                     out = model(x)
                     pred, target = objective.prediction(out), objective.target(out)
-                result = method.explain(x, target, SampleRNG(cfg.seed, batch["index"], device))
+                meter.start(len(x))
+                result = method.explain(x, target, SampleRNG(cfg.seed, batch["index"], device, meter=meter))
+                cost = cost_columns(meter)
+                meter.stop()
                 failed = ~torch.isfinite(result.x_cf).flatten(1).all(1)
                 x_cf = torch.where(failed.view(-1, 1, 1, 1), x, result.x_cf)  # keep the file valid; row says failed
-                with torch.no_grad():
-                    cf_pred = objective.prediction(model(x_cf))
+                with torch.no_grad():  # success is judged here, on the final image, for every method alike
+                    cf_out = model(x_cf)
+                    cf_pred, success = objective.prediction(cf_out), objective.success(cf_out, target)
             seconds = (time.time() - t0) / len(x)
             oracle_vals = None
             if parts["oracle"] is not None:
                 oracle_vals = parts["oracle"](x, x_cf, batch["factors"], target, task,
                                               getattr(objective, "tolerance", 0.05))
-            rows = _rows(batch, pred, target, cf_pred, result, failed.cpu(), distances(x, x_cf), oracle_vals,
-                         seconds, peak.mib, task)
+            rows = _rows(batch, pred, target, cf_pred, success.cpu(), result, failed.cpu(), distances(x, x_cf),
+                         oracle_vals, cost, seconds, peak.mib, task)
             images = {"original": x, "counterfactual": x_cf,
                       "diff": torch.stack([diff_image(a, b) for a, b in zip(x, x_cf)])}
             images.update({k: v for k, v in result.extras.items()})

@@ -19,8 +19,8 @@ def cfx(*args, cwd=None, check=True, timeout=600):
     return proc
 
 
-# Small settings that keep a job to seconds on a CPU.
-FAST = ["dataset.num_images=4", "batch_size=4", "method.respacing=50", "method.tau=15", "method.mask_start=8"]
+# A job in seconds on a CPU: conf/debug/fast.yaml (4 images, 50 steps, tau 15).
+FAST = ["debug=fast"]
 
 
 @pytest.fixture

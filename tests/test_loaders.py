@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from cfx_cli.errors import CfxError
 from cfx_cli.models.checkpoints import load_state_dict
-from cfx_cli.models.diffusion import load_diffusers_ddpm
+from cfx_cli.diffusion.sampler import DDPMSampler
+from cfx_cli.models.generative import load_diffusers_ddpm
 from cfx_cli.models.perceptual import VGGPerceptual, vgg19_features
 from cfx_cli.models.small_cnn import SmallCNN, load_zoo_model, save_zoo_model
 from cfx_cli.train.ddpm import build_unet
@@ -20,11 +21,12 @@ def test_diffusers_folder_round_trip(tmp_path):
     unet.save_pretrained(tmp_path / "m" / "unet")
     DDPMScheduler(num_train_timesteps=500, beta_schedule="linear").save_pretrained(tmp_path / "m" / "scheduler")
     d = load_diffusers_ddpm(tmp_path / "m")
-    assert d.base_schedule.num_timesteps == 500 and d.image_size == 16
+    assert d.schedule.num_timesteps == 500 and d.image_size == 16 and d.latent_shape == (3, 16, 16)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 100])
-    torch.testing.assert_close(d.eps(x, t), unet(x, t).sample)
-    r = d.respaced(100)
-    torch.testing.assert_close(r.eps(x, torch.tensor([1, 20])), unet(x, r.schedule.timestep_map[[1, 20]]).sample)
+    torch.testing.assert_close(d(x, t), unet(x, t).sample)
+    r = DDPMSampler(d, 100)  # respaced: the network sees the original timesteps
+    torch.testing.assert_close(r.predict(x, torch.tensor([1, 20]))["eps"],
+                               unet(x, r.schedule.timestep_map[[1, 20]]).sample)
 
 
 def test_not_a_diffusers_folder(tmp_path):

@@ -49,8 +49,8 @@ def _rows(path):
 
 
 def test_a_killed_job_resumes_and_loses_nothing(tmp_path):
-    args = ["run", "dataset.num_images=6", "batch_size=2", "method.respacing=50", "method.tau=15",
-            "method.mask_start=8", "method.scales=[10.0]"]
+    args = ["run", "dataset.num_images=6", "batch_size=2", "sampler.steps=50", "method.tau=15",
+            "method.scales=[10.0]"]
     cfx(*args, run_dir(tmp_path, "whole"))
     job = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cfx_cli.cli", *args, f"hydra.run.dir={job}"], cwd=ROOT,
@@ -76,8 +76,8 @@ def test_a_killed_job_resumes_and_loses_nothing(tmp_path):
 
 
 def test_resume_repairs_a_torn_row_and_refuses_another_config(tmp_path):
-    args = ["run", "dataset.num_images=4", "batch_size=2", "method.respacing=50", "method.tau=15",
-            "method.mask_start=8", "method.scales=[10.0]", run_dir(tmp_path)]
+    args = ["run", "dataset.num_images=4", "batch_size=2", "sampler.steps=50", "method.tau=15",
+            "method.scales=[10.0]", run_dir(tmp_path)]
     cfx(*args)
     job = tmp_path / "job"
     before = read_samples(job).sort_values("index")
@@ -138,7 +138,7 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     ("method.variant=3", "method.variant='3' is unknown"),
     ("method.tau=500", "method.tau=500 must lie in 1..50"),
     ("method.tau=0", "method.tau=0 must lie in 1..50"),
-    ("method.respacing=5000", "method.respacing=5000 must lie in 1..1000"),
+    ("sampler.steps=5000", "sampler.steps=5000 must lie in 1..1000"),
     ("method.mask_start=20", "method.mask_start=20 must lie in 0..14"),
     ("method.mask_dilation=4", "method.mask_dilation=4 must be odd"),
     ("method.scales=[]", "method.scales is empty"),

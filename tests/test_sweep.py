@@ -6,7 +6,7 @@ import pytest
 
 from conftest import cfx
 
-TINY = ["dataset.num_images=2", "batch_size=2", "method.respacing=50", "method.tau=10", "method.scales=[10.0]"]
+TINY = ["dataset.num_images=2", "batch_size=2", "sampler.steps=50", "method.tau=10", "method.scales=[10.0]"]
 
 
 def test_joblib_sweep_and_aggregate(tmp_path):
@@ -39,7 +39,7 @@ def test_submitit_local_sweep_lists_failed_jobs(tmp_path):
 
 def test_shards_are_merged_before_set_level_metrics(tmp_path):
     for shard in (0, 1):
-        cfx("run", "dataset.num_images=4", "batch_size=2", "method.respacing=50", "method.tau=10",
+        cfx("run", "dataset.num_images=4", "batch_size=2", "sampler.steps=50", "method.tau=10",
             "method.scales=[10.0]", f"data.shard={shard}", "data.num_shards=2", f"hydra.run.dir={tmp_path / str(shard)}")
     s0 = pd.read_csv(tmp_path / "0" / "samples.csv")
     s1 = pd.read_csv(tmp_path / "1" / "samples.csv")

@@ -7,7 +7,8 @@ import torch
 
 from cfx_cli import ZOO_DIR
 from cfx_cli.data.synthetic import SyntheticWorld
-from cfx_cli.models.diffusion import load_diffusers_ddpm
+from cfx_cli.diffusion.sampler import DDPMSampler
+from cfx_cli.models.generative import load_diffusers_ddpm
 from cfx_cli.models.explained import zoo_model
 from cfx_cli.models.small_cnn import zoo_oracle
 from cfx_cli.train import supervised
@@ -59,9 +60,9 @@ def test_ddpm_samples_are_valid_images():
     measured 1.00 on 256 samples (50 steps); the earlier CPU-trained one (5200 steps of batch 64)
     reached 0.85, its misses tinted backgrounds.
     """
-    ddpm = load_diffusers_ddpm(ZOO_DIR / "synthetic_ddpm").respaced(50)
+    ddpm = DDPMSampler(load_diffusers_ddpm(ZOO_DIR / "synthetic_ddpm"), 50)
     oracle = zoo_oracle(ZOO_DIR / "synthetic_oracle")
-    read = oracle(ddpm.sample(64, torch.Generator().manual_seed(0)))
+    read = oracle(ddpm.sample(64, (3, 32, 32), torch.Generator().manual_seed(0)).clamp(-1, 1))
     conf = torch.stack([read[k].softmax(1).amax(1) for k in ("shape", "obj_colour", "bg_colour")], 1)
     known_shape = torch.isin(read["shape"].argmax(1), torch.tensor(WORLD.shape_ids))
     valid = (conf >= 0.9).all(1) & known_shape

@@ -138,7 +138,11 @@ class NoiseSchedule:
 
     def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t, variance: str = "fixed_small",
                         clip: bool = True) -> dict[str, Tensor]:
-        """Mean and log-variance of p(x_{t-1} | x_t) from an ε-predicting network's output.
+        """Mean, variance and log-variance of p(x_{t-1} | x_t) from an ε-predicting network's output.
+
+        ``variance`` is Σ_t, the factor of guidance's mean shift μ − Σ_t g: for ``fixed_small``
+        it is the true posterior variance, 0 at t = 0 (guided-diffusion's convention), while
+        ``log_variance`` (the noise scale) is clipped there; no noise is added at t = 0 anyway.
 
         ``variance``: ``fixed_small`` (posterior variance), ``fixed_large`` (β_t) or
         ``learned_range`` (ADM's learned interpolation: the network outputs 2C
@@ -151,17 +155,22 @@ class NoiseSchedule:
             max_log = _gather(self.betas.log(), t, x_t)
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
+            var = log_variance.exp()
         else:
             eps = model_output[:, :c]
             if variance == "fixed_small":
+                # guided-diffusion pairs the true posterior variance (0 at t = 0) with a clipped log
                 log_variance = _gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+                var = _gather(self.posterior_variance, t, x_t).expand_as(x_t)
             elif variance == "fixed_large":
-                large = torch.cat([self.posterior_variance[1:2], self.betas[1:]]).log()
-                log_variance = _gather(large, t, x_t).expand_as(x_t)
+                large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+                log_variance = _gather(large.log(), t, x_t).expand_as(x_t)
+                var = _gather(large, t, x_t).expand_as(x_t)
             else:
                 raise ValueError(f"diffusion.variance={variance!r} is unknown; use fixed_small, fixed_large or learned_range")
         pred_x0 = self.x0_from_eps(x_t, t, eps)
         if clip:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _, _ = self.posterior_mean_variance(pred_x0, x_t, t)
-        return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_x0, "eps": eps}
+        return {"mean": mean, "variance": var, "log_variance": log_variance, "pred_xstart": pred_x0, "eps": eps,
+                "z_t": x_t}

@@ -1,6 +1,7 @@
-"""What every method shares: its result type, per-sample randomness and cost counters."""
+"""What every method shares: its result type, per-sample randomness, the difference mask."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -12,30 +13,35 @@ from cfx_cli.errors import CfxError
 
 @dataclass
 class CFResult:
-    """A batch of counterfactuals. ``extras`` holds N×1×H×W maps such as masks (in [0, 1])."""
+    """A batch of counterfactuals. ``extras`` holds N×1×H×W maps such as masks (in [0, 1]) or other
+    N×C×H×W images (e.g. ACE's pre-explanation), saved beside the counterfactual; ``info`` holds
+    per-sample numbers (the scale that was used, a method's own success judgement, ...).
+
+    The runner judges success on ``x_cf`` and reads the cost from the counting wrappers."""
 
     x_cf: Tensor
-    success: Tensor  # bool, judged on the final image
-    nfe_unet: Tensor  # per-sample UNet evaluations
-    nfe_model: Tensor  # per-sample explained-model evaluations (forward + backward counted once)
     extras: dict[str, Tensor] = field(default_factory=dict)
-    info: dict[str, Tensor] = field(default_factory=dict)  # per-sample numbers, e.g. the scale that flipped
+    info: dict[str, Tensor] = field(default_factory=dict)
 
 
 class SampleRNG:
-    """One torch.Generator per sample, seeded by (job seed, dataset index).
+    """Per-sample state of one ``explain`` call: one torch.Generator per sample, seeded by
+    (job seed, dataset index), and the rows that cost counters charge.
 
-    Draws happen on the CPU and move to the device, so a sample gets the same
-    noise whatever its batch, shard, device or resume point.
+    Draws happen on the CPU and move to the device, so a sample gets the same noise whatever
+    its batch, shard, device or resume point. ``subset(rows)`` narrows both to some samples
+    (e.g. the ones not yet flipped), so that a method's calls are charged to them alone.
     """
 
-    def __init__(self, seed: int, indices, device: torch.device | str = "cpu"):
+    def __init__(self, seed: int, indices, device: torch.device | str = "cpu", meter=None):
         self.generators = []
         for i in indices:
             g = torch.Generator()
             g.manual_seed((int(seed) * 1_000_003 + int(i) * 7_919 + 12_345) % (2**63 - 1))
             self.generators.append(g)
         self.device = torch.device(device)
+        self.meter = meter
+        self.rows = torch.arange(len(self.generators))  # positions in the meter's batch
 
     def __len__(self):
         return len(self.generators)
@@ -44,6 +50,20 @@ class SampleRNG:
         """N×shape standard normals, one row per sample (or only for ``rows``, a bool mask or indices)."""
         idx = range(len(self)) if rows is None else _as_indices(rows)
         return torch.stack([torch.randn(tuple(shape), generator=self.generators[i]) for i in idx]).to(self.device)
+
+    @contextmanager
+    def subset(self, rows: Tensor):
+        """A view on some samples (a bool mask or indices into this view); calls made inside the
+        block are charged to them."""
+        idx = _as_indices(rows)
+        sub = SampleRNG.__new__(SampleRNG)
+        sub.generators = [self.generators[i] for i in idx]
+        sub.device, sub.meter, sub.rows = self.device, self.meter, self.rows[idx]
+        if self.meter is None:
+            yield sub
+            return
+        with self.meter.rows(sub.rows):
+            yield sub
 
 
 def _as_indices(rows: Tensor) -> list[int]:

@@ -1,35 +1,60 @@
 """DiME (Jeanneret et al., ACCV 2022): Diffusion Models for counterfactual Explanations.
 
-Algorithm (per scale s in ``scales``, only on images not yet flipped, all from
-the same noisy image z_τ = q_sample(x, τ)):
-
-    x̂ ← x
-    for t = τ−1 … 0:
-        μ, Σ ← p(z_{t−1} | z_t)                                   (one UNet call)
-        g ← s ∇_x̂ L(f(x̂), y*) / √ᾱ_t  [+ λ_p ∇_x̂ perc(x̂, x) / √ᾱ_t]  + λ_1 ∇_z ‖z_t − x‖_1
-        z_{t−1} ← μ − Σ g + σ_t ε                                  (no noise at t = 0)
-        x̂ ← unguided chain z_{t−1} → 0                           (t UNet calls, no gradient)
-    x_cf ← z_0
+    z_τ ← q_sample(x, τ)                                   (once, shared by every scale)
+    for s in scales, on the images not flipped yet:
+        x̂ ← x ; z ← z_τ
+        for t = τ−1 … 0:
+            μ, Σ ← p(z_{t−1} | z_t)                          (1 UNet call)
+            g ← [s ∇_x̂ L(f(x̂), y*) + λ_p ∇_x̂ perc(x̂, x)] / √ᾱ_t + λ_1 sign(z − x)
+            z ← μ − Σ g + σ_t ε                              (no noise at t = 0)
+            x̂ ← unguided chain z → 0                        (t UNet calls, no gradient)
+        x_cf ← z
 
 Cost per scale: τ + Σ_{k=1..τ−1} k UNet calls; no backprop through the UNet.
 """
 from __future__ import annotations
 
-from cfx_cli.methods.guided import GuidedDiffusion
+import torch
+
+from cfx_cli.methods.guidance import (check_common, check_finite, guided_mean, loss_gradient, retry_scales,
+                                      start_level)
+from cfx_cli.models.perceptual import perceptual_loss
 
 
 class DiME:
     name = "dime"
 
-    def __init__(self, diffusion, model, objective, respacing=200, tau=60, scales=(8.0, 10.0, 15.0),
-                 lambda_l1=0.05, lambda_perc=0.0, perceptual=None, public_code_offset=True):
-        self.guided = GuidedDiffusion(diffusion, model, objective, respacing=respacing, tau=tau, scales=scales,
-                                      lambda_l1=lambda_l1, lambda_perc=lambda_perc, perceptual=perceptual,
-                                      rescale_sqrt_alpha=True, clean_estimate="chain",
-                                      public_code_offset=public_code_offset)
+    def __init__(self, sampler, model, objective, tau=60, scales=(8.0, 10.0, 15.0), lambda_l1=0.05,
+                 lambda_perc=30.0, perceptual_weights=None, classifier_loss="logit", public_code_offset=True):
+        check_common(sampler, tau, scales, "dime")
+        check_finite(lambda_l1=lambda_l1, lambda_perc=lambda_perc)
+        self.sampler, self.model, self.objective = sampler, model, objective
+        self.tau, self.scales = int(tau), [float(s) for s in scales]
+        self.lambda_l1, self.lambda_perc = float(lambda_l1), float(lambda_perc)
+        self.perceptual = perceptual_loss(self.lambda_perc, perceptual_weights)
+        self.classifier_loss = classifier_loss
+        self.start = start_level(self.tau, public_code_offset, sampler.num_steps)
 
+    @torch.no_grad()
     def explain(self, x, target, rng):
-        def one_pass(x, target, z, rows, rng, scale, nfe_unet, nfe_model):
-            return self.guided.guided_pass(x, target, z, rows, rng, scale, nfe_unet, nfe_model)
+        z_tau = self.sampler.q_sample(x, self.start, rng.randn(x.shape[1:]))
+        return retry_scales(self.scales, x, target, rng,
+                            lambda rows, s, sub: (self.counterfactual(x[rows], target[rows], z_tau[rows], s, sub), {}),
+                            lambda cf, y: self.objective.success(self.model(cf), y))
 
-        return self.guided.explain(x, target, rng, one_pass)
+    def counterfactual(self, x, y, z, scale, rng):
+        x_hat = x
+        for t in reversed(range(self.tau)):
+            out = self.sampler.predict(z, t)
+            g = self.gradient(x_hat, x, z, y, t, scale)
+            z = self.sampler.step(out, t, rng.randn(x.shape[1:]) if t > 0 else None, mean=guided_mean(out, g))
+            if t > 0:
+                x_hat = self.sampler.denoise(z, t - 1, -1, rng)
+        return z
+
+    def gradient(self, x_hat, x, z, y, t, scale):
+        """[s ∇L_c + λ_p ∇perc] / √ᾱ_t at x̂, plus λ_1 ∇_z ‖z − x‖_1."""
+        perc = None if self.perceptual is None else (lambda xh: self.lambda_perc * self.perceptual.to(x)(xh, x).sum())
+        g = loss_gradient(self.model, self.objective, x_hat, y, scale, self.classifier_loss, extra=perc)
+        g = g / self.sampler.schedule.alpha_bar(t, g).sqrt()
+        return g + self.lambda_l1 * torch.sign(z - x)

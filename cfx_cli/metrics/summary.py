@@ -7,7 +7,9 @@ import pandas as pd
 # Column of samples.csv -> name of its mean in metrics.csv.
 MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
          "bg_changed": "shortcut_reveal_rate", "oracle_flip": "oracle_flip_rate",
-         "nfe_unet": "nfe_unet", "nfe_model": "nfe_model", "seconds": "seconds_per_cf"}
+         "nfe_unet": "nfe_unet", "nfe_unet_backward": "nfe_unet_backward", "nfe_model": "nfe_model",
+         "nfe_model_backward": "nfe_model_backward", "nfe_robust_model": "nfe_robust_model",
+         "nfe_robust_model_backward": "nfe_robust_model_backward", "seconds": "seconds_per_cf"}
 # Column -> name of its maximum: the peak memory of the job's largest batch.
 MAXES = {"peak_mem_mib": "peak_mem_mib"}
 

@@ -15,18 +15,24 @@ from cfx_cli.errors import CfxError
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 TASKS = ("classification", "regression")
+# How a classifier's outputs are read: ``softmax`` — K mutually exclusive classes (argmax);
+# ``sigmoid`` — K independent binary attributes (CelebA's 40), one chosen by the objective's query.
+HEADS = ("softmax", "sigmoid")
 
 
 class ExplainedModel(nn.Module):
     def __init__(self, net: nn.Module, task: str, input_size: int | None = None, normalize: str = "none",
-                 num_classes: int | None = None, info: dict | None = None):
+                 num_classes: int | None = None, info: dict | None = None, head: str = "softmax"):
         super().__init__()
         if task not in TASKS:
             raise CfxError(f"task={task!r} is unknown; use one of {list(TASKS)}")
+        if head not in HEADS:
+            raise CfxError(f"head={head!r} is unknown; use softmax (exclusive classes) or sigmoid (binary attributes)")
         if normalize not in ("none", "zero_one", "imagenet"):
             raise CfxError(f"normalize={normalize!r} is unknown; use none, zero_one or imagenet")
         self.net = net.eval().requires_grad_(False)
         self.task = task
+        self.head = head
         self.input_size = input_size
         self.normalize = normalize
         self.num_classes = num_classes

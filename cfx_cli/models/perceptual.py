@@ -47,3 +47,8 @@ class VGGPerceptual(nn.Module):
         fx = self.features(((x + 1) / 2 - self.mean) / self.std)
         fy = self.features(((y + 1) / 2 - self.mean) / self.std)
         return (fx - fy).pow(2).flatten(1).mean(1)
+
+
+def perceptual_loss(weight: float, weights_path: str | None, key: str = "method.perceptual_weights"):
+    """DiME's VGG term when its weight is positive (its weights from a path), else None."""
+    return VGGPerceptual(weights_path, key=key) if weight > 0 else None

@@ -1,0 +1,121 @@
+"""Generative models behind the one small interface guidance needs.
+
+Every generative model is an ``nn.Module`` exposing:
+
+- ``schedule``        its training noise schedule (``NoiseSchedule``; samplers respace it);
+- ``variance``        how the posterior variance is read: fixed_small | fixed_large | learned_range;
+- ``clip_denoised``   whether clean estimates are clipped to [-1, 1] (pixel models);
+- ``latent_shape``    the shape (C, H, W) of the diffused variable z;
+- ``image_size``      the resolution of the images it makes;
+- ``encode(x)`` / ``decode(z)``  image ↔ diffused variable (identity for pixel models);
+- ``forward(z_t, t, cond=None)``  the network's raw output at *original* timesteps ``t``
+  (ε, plus the variance channels of a learned-range model), with an optional condition
+  (a class label, a text embedding, a semantic code; ``null_condition`` for classifier-free
+  guidance).
+
+Samplers (``cfx_cli.diffusion.sampler``) add the time grid and the steps; methods use
+both and never reach into a model's attributes beyond these.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cfx_cli.diffusion.schedule import NoiseSchedule
+from cfx_cli.errors import CfxError
+
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+class PixelDiffusion(nn.Module):
+    """An ε-predicting UNet on images: z = x. ``unet(x, t[, y])`` may return a tensor (ADM) or a
+    diffusers output (``.sample``)."""
+
+    null_condition = None
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, variance: str = "fixed_small",
+                 clip_denoised: bool = True, image_size: int | None = None, channels: int = 3,
+                 class_conditional: bool = False):
+        super().__init__()
+        if variance not in VARIANCES:
+            raise CfxError(f"diffusion.variance={variance!r} is unknown; use one of {list(VARIANCES)}")
+        self.unet = unet
+        self.schedule = schedule
+        self.variance = variance
+        self.clip_denoised = bool(clip_denoised)
+        self.image_size = int(image_size or getattr(getattr(unet, "config", None), "sample_size", 0) or 0) or None
+        self.channels = int(channels)
+        self.class_conditional = class_conditional
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+    def forward(self, z_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        if cond is not None and not self.class_conditional:
+            raise CfxError("this diffusion model is unconditional but a condition was given")
+        out = self.unet(z_t, t, cond) if cond is not None else self.unet(z_t, t)
+        return out.sample if hasattr(out, "sample") else out
+
+
+def load_diffusers_ddpm(path: str | Path, variance: str = "fixed_small", clip_denoised: bool = True,
+                        key: str = "diffusion.path", name: str | None = None) -> PixelDiffusion:
+    """A diffusers-format DDPM folder (``unet/`` + ``scheduler/``, or a bare UNet folder next to a
+    ``scheduler_config.json``), loaded offline."""
+    from diffusers import UNet2DModel
+
+    path = Path(path)
+    if not path.exists():
+        raise CfxError(f"{key}={path} does not exist: point it to a diffusers-format DDPM folder "
+                       f"(e.g. the shipped cfx_cli/zoo/synthetic_ddpm, or one made by `cfx train synthetic_ddpm`)")
+    unet_dir = path / "unet" if (path / "unet").is_dir() else path
+    sched_file = next((p for p in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json")
+                       if p.exists()), None)
+    if not (unet_dir / "config.json").exists() or sched_file is None:
+        raise CfxError(f"{key}={path} is not a diffusers DDPM folder: it needs unet/config.json and "
+                       f"scheduler/scheduler_config.json (as written by save_pretrained)")
+    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True,
+                                       low_cpu_mem_usage=False)
+    unet.eval().requires_grad_(False)
+    sc = json.loads(sched_file.read_text())
+    if sc.get("prediction_type", "epsilon") != "epsilon":
+        raise CfxError(f"{key}={path}: prediction_type={sc['prediction_type']!r} is not supported yet; "
+                       f"cfx's guidance expects an epsilon-predicting model")
+    kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sc.get("beta_schedule", "linear"))
+    if kind is None:
+        raise CfxError(f"{key}={path}: beta_schedule={sc.get('beta_schedule')!r} is not supported; "
+                       f"use 'linear' or 'squaredcos_cap_v2'")
+    schedule = NoiseSchedule.from_config(kind, int(sc.get("num_train_timesteps", 1000)),
+                                         beta_start=sc.get("beta_start"), beta_end=sc.get("beta_end"))
+    return PixelDiffusion(unet, schedule, variance=variance, clip_denoised=clip_denoised,
+                          channels=unet.config.in_channels)
+
+
+def load_adm(path: str | Path, key: str = "diffusion.path", name: str | None = None, clip_denoised: bool = True,
+             diffusion_steps: int = 1000, noise_schedule: str = "linear", compute_dtype: str | None = None,
+             **flags) -> PixelDiffusion:
+    """An OpenAI guided-diffusion (ADM) checkpoint: a plain state_dict built by the flags that
+    guided-diffusion's scripts take (image_size, num_channels, learn_sigma, ...)."""
+    from cfx_cli.models.adm import load_adm_unet
+
+    if noise_schedule not in ("linear", "cosine"):
+        raise CfxError(f"diffusion.noise_schedule={noise_schedule!r} is unknown; use linear or cosine")
+    unet = load_adm_unet(path, key=key, **flags)
+    if compute_dtype:
+        unet.set_compute_dtype({"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                                "float16": torch.float16, "fp32": None, "float32": None}[str(compute_dtype)])
+    schedule = NoiseSchedule.from_config(noise_schedule, int(diffusion_steps))
+    learn_sigma = bool(flags.get("learn_sigma", False))
+    return PixelDiffusion(unet, schedule, variance="learned_range" if learn_sigma else "fixed_large",
+                          clip_denoised=clip_denoised, image_size=int(flags["image_size"]),
+                          channels=int(flags.get("in_channels", 3)),
+                          class_conditional=bool(flags.get("class_cond", False)))
