@@ -1,0 +1,302 @@
+"""The explained models (classifiers) that the counterfactual papers released, loaded offline.
+
+Every loader reads its file with ``load_state_dict`` (safetensors, or ``torch.load(weights_only=True)``:
+a pickle that needs code is refused, never executed), finds the released layout's keys in it (nested
+``{'feat_extract': ..., 'classifier': ...}`` dicts, ``state_dict``/``model``/``model_state_dict``
+containers, ``module.`` or ``module.model.`` prefixes), checks names and shapes strictly, and returns an
+:class:`~cfx_cli.models.explained.ExplainedModel` that takes images in [-1, 1] and applies the model's
+own preprocessing, as the authors' code does:
+
+``celeba_densenet``  DiVE / DiME / ACE / FastDiME CelebA classifier: torchvision DenseNet-121 features
+                     + ReLU + global average pool + Linear(1024, 40); fed the [-1, 1] 128×128 image as is
+                     (DiME main.py calls it on the dataset tensor, Normalize(0.5, 0.5)); 40 attribute logits.
+``dime_oracle``      DiVE / DiME / ACE CelebA oracle for MNAC and CD: VGGFace2 ResNet-50-128 (Caffe layout)
+                     + Linear(128, 40); its preprocessing lives in its forward ((x+1)/2, RGB→BGR, minus
+                     [131.0912, 103.8827, 91.4953]/255 in that channel order, bicubic resize to 224).
+``torchvision_classifier``  any torchvision-layout state dict (DVCE's Madry+FT ResNet-50 with logits / T,
+                     the Madry-lab robustness ResNet-50 under ``model`` with ``module.model.``, plain files).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cfx_cli.errors import CfxError
+from cfx_cli.models.checkpoints import load_state_dict
+from cfx_cli.models.explained import ExplainedModel
+from cfx_cli.models.torchvision_arch import build, densenet121
+
+__all__ = ["celeba_densenet", "dime_oracle", "torchvision_classifier", "DimeOracleNet", "Resnet50_128",
+           "read_layout", "CELEBA_ATTRIBUTES"]
+
+# The 40 CelebA attributes in list_attr_celeba.txt order (the classifier's and the oracle's outputs).
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
+    "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
+    "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+    "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
+
+# Containers that wrap a state dict in training checkpoints (load_state_dict already opens 'state_dict'
+# and 'model'); STEEX's checkpoint.tar keeps its weights under 'model_state_dict'.
+_CONTAINERS = ("model_state_dict", "state_dict", "model")
+# Pre-0.4 torchvision DenseNet names ('denselayer1.norm.1.weight' for 'denselayer1.norm1.weight').
+_OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                           r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+# ------------------------------------------------------------------------------------ reading layouts
+def _flatten(obj, prefix: str = "", out: dict | None = None) -> dict[str, Tensor]:
+    """Nested dicts of tensors as one dict with dotted keys; non-tensor leaves (epoch, loss, ...) dropped."""
+    out = {} if out is None else out
+    if isinstance(obj, Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}{k}.", out)
+    return out
+
+
+def _open(path, key: str, source: str) -> dict[str, Tensor]:
+    state = load_state_dict(path, key=key, source=source)
+    for name in _CONTAINERS:
+        if isinstance(state, Mapping) and isinstance(state.get(name), Mapping):
+            state = state[name]
+    flat = _flatten(state)
+    if not flat:
+        raise CfxError(f"{key}={path} holds no tensors (a {type(state).__name__}): it is not a weight file")
+    return {(_OLD_DENSENET.sub(r"\1\2", k)): v for k, v in flat.items()}
+
+
+def _find_prefix(flat: Mapping[str, Tensor], expected: set[str]) -> str:
+    """The prefix p under which most expected keys sit (p + key in the file); the shortest on a tie."""
+    counts: dict[str, int] = {}
+    for k in flat:
+        parts = k.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in expected:
+                p = ".".join(parts[:i]) + "." if i else ""
+                counts[p] = counts.get(p, 0) + 1
+    if not counts:
+        return ""
+    return min(counts, key=lambda p: (-counts[p], len(p), p))
+
+
+def read_layout(path, net: nn.Module, fmt: str, key: str = "classifier.path", source: str = "",
+                groups: tuple[str, ...] = ("",)) -> dict[str, Tensor]:
+    """The state dict for ``net`` found in the file at ``path``, as float32, or one clear CfxError.
+
+    ``groups`` splits ``net``'s keys by leading name (e.g. ``("features.", "classifier.")``); each group's
+    keys may sit under their own prefix in the file (DiVE's ``feat_extract.feat_extract.features.*`` next
+    to ``classifier.*``). Keys under a chosen prefix that ``net`` lacks are unexpected; keys elsewhere
+    (an optimizer, the Madry attacker's alias copy) are ignored. ``num_batches_tracked`` may be absent.
+    """
+    flat = _open(path, key, source)
+    want = net.state_dict()
+    state, prefixes, consumed = {}, [], set()
+    for g in groups:
+        expected = {k for k in want if k.startswith(g)}
+        p = _find_prefix(flat, expected)
+        prefixes.append(p)
+        for k, v in flat.items():
+            if k.startswith(p) and k[len(p):] in expected:
+                state[k[len(p):]] = v
+                consumed.add(k)
+    unexpected = sorted(k for k in flat if any(k.startswith(p) for p in prefixes) and k not in consumed)
+    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        first = "; ".join(s for s in (
+            f"{len(missing)} keys missing (first: {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "") if s)
+        raise CfxError(f"{key}={path} does not match the expected format, {fmt}: {first}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise CfxError(f"{key}={path} does not match the expected format, {fmt}: {k} has shape "
+                           f"{list(v.shape)}, expected {list(want[k].shape)}")
+    for k, v in want.items():  # absent BN counters keep the module's own
+        state.setdefault(k, v)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def _load(net: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+class _Scaled(nn.Module):
+    """Logits divided by a temperature (DVCE's calibrated Madry+FT: T = 0.7155761122703552)."""
+
+    def __init__(self, net: nn.Module, temperature: float):
+        super().__init__()
+        self.net = net
+        self.temperature = float(temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) / self.temperature
+
+
+class _Resized(nn.Module):
+    """Bicubic resize to ``size`` without antialiasing: torchvision 0.10's tensor ``Resize(size,
+    interpolation=3)``, which DVCE applies (256 -> 224) in front of its classifiers."""
+
+    def __init__(self, net: nn.Module, size: int, mode: str):
+        super().__init__()
+        self.net, self.size, self.mode = net, int(size), mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
+        return self.net(x)
+
+
+# ------------------------------------------------------------------------ DiVE/DiME CelebA classifier
+def celeba_densenet(path: str, key: str = "classifier.path", name: str | None = None, num_classes: int = 40,
+                    input_size: int = 128) -> ExplainedModel:
+    """DiVE's CelebA DenseNet-121 as DiME, ACE and FastDiME use it (``classifier.pth``).
+
+    File: ``torch.save({'feat_extract': DenseNet121().state_dict(), 'classifier': Linear(1024, 40)
+    .state_dict()})``, where DenseNet121 wraps a torchvision densenet121 whose classifier is Identity —
+    so the weights read ``feat_extract.feat_extract.features.*`` and ``classifier.{weight,bias}``. A flat
+    torchvision densenet121(num_classes=40) state dict or a safetensors conversion loads too, and so does
+    STEEX's DecisionDensenetModel (``checkpoint.tar``, under ``model_state_dict``) with num_classes=3,
+    input_size=256. The image goes in as [-1, 1] (no ImageNet normalisation); outputs are the
+    ``num_classes`` attribute logits (sigmoid head; the objective picks the query attribute).
+    """
+    net = densenet121(num_classes=num_classes)
+    fmt = (f"DiVE/DiME CelebA DenseNet-121 {{'feat_extract': densenet121 features, 'classifier': "
+           f"Linear(1024, {num_classes})}}")
+    _load(net, read_layout(path, net, fmt, key=key, groups=("features.", "classifier."),
+                           source="DiME's classifier.pth, huggingface.co/guillaumejs2403/DiME"))
+    info = {"name": name, "format": "dive_densenet121", "arch": "densenet121", "input_size": input_size,
+            "attributes": list(CELEBA_ATTRIBUTES) if num_classes == 40 else None}
+    return ExplainedModel(net, "classification", input_size=input_size, normalize="none",
+                          num_classes=num_classes, info=info, head="sigmoid")
+
+
+# ---------------------------------------------------------------------------------- DiME CelebA oracle
+# (stage, number of bottleneck units, reduce width, output width, stride of the stage's first unit)
+_CAFFE_STAGES = ((2, 3, 64, 256, 1), (3, 4, 128, 512, 2), (4, 6, 256, 1024, 2), (5, 3, 512, 2048, 2))
+# Subtracted after RGB->BGR in the public code: VGGFace2's RGB mean listed in BGR channel order (a quirk
+# of BTE/DiVE's oracle that the fine-tuned weights were trained with; kept for faithful MNAC/CD).
+_ORACLE_MEAN = (131.0912, 103.8827, 91.4953)
+
+
+class Resnet50_128(nn.Module):
+    """VGGFace2 ResNet-50-128 (Caffe conversion): ``conv{s}_{u}_1x1_reduce`` carries the stride, max-pool
+    3/2 with ceil_mode, 7×7 average pool and a 1×1 conv to a 128-d embedding (``feat_extract``).
+
+    Takes [-1, 1] RGB at any size and does its own preprocessing, as DiVE/DiME's forward does.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1_7x7_s2 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1_7x7_s2_bn = nn.BatchNorm2d(64)
+        self.pool1_3x3_s2 = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+        self.units: list[tuple[str, bool]] = []
+        cin = 64
+        for s, n, mid, cout, stride in _CAFFE_STAGES:
+            for u in range(1, n + 1):
+                name, first = f"conv{s}_{u}", u == 1
+                st = stride if first else 1
+                self._conv_bn(f"{name}_1x1_reduce", cin, mid, 1, st)
+                self._conv_bn(f"{name}_3x3", mid, mid, 3, 1)
+                self._conv_bn(f"{name}_1x1_increase", mid, cout, 1, 1)
+                if first:
+                    self._conv_bn(f"{name}_1x1_proj", cin, cout, 1, st)
+                self.units.append((name, first))
+                cin = cout
+        self.pool5_7x7_s1 = nn.AvgPool2d(kernel_size=7, stride=1, padding=0)
+        self.feat_extract = nn.Conv2d(2048, 128, kernel_size=1, stride=1, bias=False)
+        self.output_size = 128
+        self.register_buffer("mean", torch.tensor(_ORACLE_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
+
+    def _conv_bn(self, name: str, cin: int, cout: int, k: int, stride: int) -> None:
+        self.add_module(name, nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=k // 2, bias=False))
+        self.add_module(f"{name}_bn", nn.BatchNorm2d(cout))
+
+    def _cb(self, name: str, x: Tensor) -> Tensor:
+        return getattr(self, f"{name}_bn")(getattr(self, name)(x))
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        x = (x + 1) / 2
+        x = x[:, [2, 1, 0]] - self.mean
+        return F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.preprocess(x)
+        x = self.pool1_3x3_s2(F.relu(self._cb("conv1_7x7_s2", x)))
+        for name, first in self.units:
+            h = F.relu(self._cb(f"{name}_1x1_reduce", x))
+            h = F.relu(self._cb(f"{name}_3x3", h))
+            h = self._cb(f"{name}_1x1_increase", h)
+            x = F.relu(h + (self._cb(f"{name}_1x1_proj", x) if first else x))
+        return torch.flatten(self.feat_extract(self.pool5_7x7_s1(x)), 1)
+
+
+class DimeOracleNet(nn.Module):
+    """``feat_extract`` (ResNet-50-128) + ``classifier`` Linear(128, 40): 40 attribute logits."""
+
+    def __init__(self, num_classes: int = 40):
+        super().__init__()
+        self.feat_extract = Resnet50_128()
+        self.classifier = nn.Linear(128, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The 128-d face embedding (DiME's oracle-based FVA uses its cosine similarity)."""
+        return self.feat_extract(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.feat_extract(x))
+
+
+def dime_oracle(path: str, key: str = "metrics.oracle.path", name: str | None = None) -> ExplainedModel:
+    """DiME/ACE's CelebA oracle (``oracle.pth``): ``{'feat_extract': Resnet50_128, 'classifier':
+    Linear(128, 40)}``, VGGFace2-pretrained and fine-tuned on CelebA (DiVE). Takes [-1, 1] images at any
+    size (the network resizes to 224 itself); 40 attribute logits, sigmoid head. ``net.embed(x)`` gives
+    the 128-d embedding."""
+    net = DimeOracleNet()
+    fmt = "DiME CelebA oracle {'feat_extract': VGGFace2 Resnet50_128, 'classifier': Linear(128, 40)}"
+    _load(net, read_layout(path, net, fmt, key=key, groups=("feat_extract.", "classifier."),
+                           source="DiME's oracle.pth, huggingface.co/guillaumejs2403/DiME"))
+    info = {"name": name, "format": "dime_oracle", "arch": "vggface2_resnet50_128", "input_size": 224,
+            "attributes": list(CELEBA_ATTRIBUTES)}
+    return ExplainedModel(net, "classification", input_size=None, normalize="none", num_classes=40, info=info,
+                          head="sigmoid")
+
+
+# ------------------------------------------------------------------------ torchvision state dicts
+def torchvision_classifier(arch: str, path: str, num_classes: int = 1000, normalize: str = "imagenet",
+                           input_size: int | None = 224, temperature: float | None = None,
+                           head: str = "softmax", key: str = "classifier.path", name: str | None = None,
+                           task: str = "classification", interpolation: str = "bilinear") -> ExplainedModel:
+    """A torchvision ``arch`` with weights from a local file: a plain state dict, or one under
+    ``state_dict`` / ``model`` / ``model_state_dict``, with any ``module.`` (DataParallel) or
+    ``module.model.`` (Madry-lab robustness AttackerModel) prefix.
+
+    ``normalize``: ``imagenet`` maps [-1, 1] to torchvision's mean/std input; ``zero_one`` to [0, 1];
+    ``none`` passes [-1, 1]. ``input_size``: resize first — ``bilinear`` (ExplainedModel's: antialiased
+    when shrinking) or ``bicubic`` (no antialiasing: DVCE's 256→224 torchvision-0.10 tensor Resize).
+    ``temperature``: logits / T.
+    """
+    if interpolation not in ("bilinear", "bicubic"):
+        raise CfxError(f"classifier.interpolation={interpolation!r} is unknown; use bilinear or bicubic")
+    if temperature is not None and not float(temperature) > 0:
+        raise CfxError(f"classifier.temperature={temperature} must be a positive number (or null)")
+    net = build(arch, num_classes)
+    fmt = f"a torchvision {arch} state dict with {num_classes} outputs"
+    _load(net, read_layout(path, net, fmt, key=key))
+    out: nn.Module = net if temperature is None else _Scaled(net, temperature)
+    size = input_size
+    if input_size and interpolation != "bilinear":
+        out, size = _Resized(out, input_size, interpolation), None
+    info = {"name": name, "format": "torchvision", "arch": arch, "input_size": input_size,
+            "temperature": temperature, "interpolation": interpolation}
+    return ExplainedModel(out, task, input_size=size, normalize=normalize,
+                          num_classes=num_classes if task == "classification" else None, info=info, head=head)
