@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from cfx_cli.data.synthetic import SyntheticWorld
+from cfx_cli.diffusion.schedule import NoiseSchedule
 
 
 def build_unet(image_size: int, channels=(32, 64, 64), layers_per_block: int = 1, norm_num_groups: int = 16,
@@ -50,7 +51,7 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
                               beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", clip_sample=True)
-    acp = scheduler.alphas_cumprod.to(device)
+    schedule = NoiseSchedule.from_config("linear", num_train_timesteps)  # the same q_sample as every sampler
 
     state_file = work_dir / "state.pt"
     start = 0
@@ -84,8 +85,7 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, num_train_timesteps, (batch_size,), generator=g).to(device)
-        a = acp[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = schedule.q_sample(x0, t, noise)
         loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, noise)
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(step, warmup, decay_from, steps, final_lr_fraction)
