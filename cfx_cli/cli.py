@@ -15,6 +15,8 @@ commands:
   train      WHAT [overrides...]        reproduce a shipped model (synthetic_ddpm, synthetic_shape,
                                         synthetic_shape_biased, synthetic_size, synthetic_oracle)
   aggregate  PATH... [--by KEY...]      job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
+  doctor     [overrides...]             before a long job: every file it needs, and whether each part loads
+                                        (alias: check; same config and overrides as run; exit 1 on a problem)
 
 examples:
   cfx run                                          # FastDiME on the synthetic benchmark
@@ -119,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                   "synthetic_shape_biased, synthetic_size, synthetic_oracle", file=sys.stderr)
             sys.exit(2)
         _hydra("cfx train", "train", [f"trainable={rest[0]}", *rest[1:]], _train_task)
+    elif cmd in ("doctor", "check"):
+        from cfx_cli.doctor import main as doctor_main
+
+        doctor_main(rest)
     elif cmd == "aggregate":
         from cfx_cli.aggregate import main as aggregate_main
 

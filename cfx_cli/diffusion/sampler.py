@@ -24,15 +24,32 @@ from cfx_cli.diffusion.schedule import NoiseSchedule, _gather
 from cfx_cli.errors import CfxError
 
 
+def respaced(schedule: NoiseSchedule, steps) -> NoiseSchedule:
+    """``schedule`` on the grid ``steps`` (an int, guided-diffusion's "10,15,20" or "ddimN"; None = all)."""
+    full = schedule.num_timesteps
+    if steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps == full):
+        return schedule
+    hint = (f"sampler.steps={steps!r} is not a grid of the model's {full} steps: use an int in 1..{full}, "
+            f"per-section counts such as \"10,15,20\", or \"ddimN\"")
+    if isinstance(steps, bool) or not isinstance(steps, (int, str)):
+        raise CfxError(hint)
+    if isinstance(steps, int) and not 0 < steps <= full:
+        raise CfxError(f"sampler.steps={steps} must lie in 1..{full} (the model's training steps)")
+    try:
+        out = schedule.respace(steps)
+    except (ValueError, TypeError):
+        raise CfxError(hint) from None
+    if out.num_timesteps == 0:
+        raise CfxError(hint)
+    return out
+
+
 class Sampler:
     kind = "base"
 
     def __init__(self, model, steps=None, checkpoint: bool = False, name: str | None = None):
         self.model = model
-        full = model.schedule.num_timesteps
-        if steps is not None and isinstance(steps, int) and not 0 < steps <= full:
-            raise CfxError(f"sampler.steps={steps} must lie in 1..{full} (the model's training steps)")
-        self.schedule: NoiseSchedule = model.schedule if steps in (None, full) else model.schedule.respace(steps)
+        self.schedule: NoiseSchedule = respaced(model.schedule, steps)
         self.checkpoint = bool(checkpoint)
 
     @property
@@ -84,13 +101,21 @@ class Sampler:
             for t in range(t_from, t_to, -1):
                 noise = rng.randn(z.shape[1:]) if (rng is not None and self.stochastic and t > 0) else None
                 if grad and checkpoint:
-                    z = grad_checkpoint(self._one_step, z, t, noise, cond, use_reentrant=False)
+                    z = grad_checkpoint(self._charged_step, z, t, noise, cond, rng, use_reentrant=False)
                 else:
                     z = self._one_step(z, t, noise, cond)
         return z
 
     def _one_step(self, z, t, noise, cond):
         return self.step(self.predict(z, t, cond), t, noise)
+
+    def _charged_step(self, z, t, noise, cond, rng):
+        """A checkpointed step: its forward runs again in the backward pass, when other samples may be
+        active; charge that recomputation (a real UNet evaluation) to the samples of this step."""
+        if rng is None or getattr(rng, "meter", None) is None:
+            return self._one_step(z, t, noise, cond)
+        with rng.meter.rows(rng.rows):
+            return self._one_step(z, t, noise, cond)
 
     @property
     def stochastic(self) -> bool:

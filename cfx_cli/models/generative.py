@@ -104,15 +104,13 @@ def load_adm(path: str | Path, key: str = "diffusion.path", name: str | None = N
              diffusion_steps: int = 1000, noise_schedule: str = "linear", compute_dtype: str | None = None,
              **flags) -> PixelDiffusion:
     """An OpenAI guided-diffusion (ADM) checkpoint: a plain state_dict built by the flags that
-    guided-diffusion's scripts take (image_size, num_channels, learn_sigma, ...)."""
+    guided-diffusion's scripts take (image_size, num_channels, learn_sigma, ...). ``compute_dtype``
+    (bf16 | fp16) runs the UNet's trunk in half precision on a GPU."""
     from cfx_cli.models.adm import load_adm_unet
 
     if noise_schedule not in ("linear", "cosine"):
         raise CfxError(f"diffusion.noise_schedule={noise_schedule!r} is unknown; use linear or cosine")
-    unet = load_adm_unet(path, key=key, **flags)
-    if compute_dtype:
-        unet.set_compute_dtype({"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                                "float16": torch.float16, "fp32": None, "float32": None}[str(compute_dtype)])
+    unet = load_adm_unet(path, key=key, dtype=compute_dtype, **flags)
     schedule = NoiseSchedule.from_config(noise_schedule, int(diffusion_steps))
     learn_sigma = bool(flags.get("learn_sigma", False))
     return PixelDiffusion(unet, schedule, variance="learned_range" if learn_sigma else "fixed_large",
