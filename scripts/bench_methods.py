@@ -2,6 +2,7 @@
 
     python scripts/bench_methods.py synthetic [num_images] [device]   # every method on the synthetic benchmark
     python scripts/bench_methods.py adm [batch] [device] [dtype]       # DiME, tiny ADM, tau 60 of 200, one scale
+    python scripts/bench_methods.py adm128 [batch] [device] [dtype] [methods]   # CelebA-128 ADM, s/CF (GPU)
 
 The *floor* of a run is the time of its UNet and explained-model calls alone: every call the
 method made is recorded (role, batch size, with or without a backward pass), then each kind of
@@ -151,6 +152,37 @@ def adm(batch=8, device="cpu", dtype=None):
           f"UNet calls {r['unet_calls']}  classifier calls {r['model_calls']}  s/CF {r['wall_s'] / batch:.2f}")
 
 
+def adm128(batch=16, device="cuda", dtype=None, methods="fastdime,dime"):
+    """The CelebA 128² setting with random weights in the released architecture (ADM flags of
+    ddpm-celeba-128, DenseNet-121 classifier at 128): seconds per counterfactual, fp32 vs bf16/fp16."""
+    from cfx_cli.diffusion.schedule import NoiseSchedule
+    from cfx_cli.models.adm import ADMUNet
+    from cfx_cli.models.explained import ExplainedModel
+    from cfx_cli.models.generative import PixelDiffusion
+    from cfx_cli.models.torchvision_arch import densenet121
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    net = ADMUNet(image_size=128, num_channels=128, num_res_blocks=2, attention_resolutions="32,16,8", num_heads=4,
+                  learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True).eval().requires_grad_(False)
+    net.set_compute_dtype(dtype)
+    gen = PixelDiffusion(net, NoiseSchedule.from_config("linear", 500), variance="learned_range", image_size=128)
+    log = []
+    unet = Recorder(gen.to(device), "unet", log)
+    clf = Recorder(ExplainedModel(densenet121(num_classes=40), "classification", num_classes=40,
+                                  head="sigmoid").to(device), "model", log)
+    obj = ClassificationObjective(head="sigmoid", query=31, num_outputs=40)
+    x = (torch.rand(batch, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    with torch.no_grad():
+        target = obj.target(clf(x))
+    for name in methods.split(","):
+        m = (DiME if name == "dime" else FastDiME)(DDPMSampler(unet, 200), clf, obj, tau=60, scales=(8.0,),
+                                                    lambda_perc=0)
+        r = run(name, m, x, target, list(range(batch)), unet, clf, device, log)
+        print(f"{name}: ADM CelebA-128 (random weights), batch {batch}, {device}, trunk {dtype or 'fp32'}: "
+              f"{r['wall_s'] / batch:.3f} s/CF, wall/floor {r['ratio']:.3f}, UNet calls {r['unet_calls']}")
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "synthetic"
     args = sys.argv[2:]
@@ -158,5 +190,8 @@ if __name__ == "__main__":
         synthetic(int(args[0]) if args else 16, args[1] if len(args) > 1 else "cpu")
     elif what == "adm":
         adm(int(args[0]) if args else 8, args[1] if len(args) > 1 else "cpu", args[2] if len(args) > 2 else None)
+    elif what == "adm128":
+        adm128(int(args[0]) if args else 16, args[1] if len(args) > 1 else "cuda", args[2] if len(args) > 2 else None,
+               args[3] if len(args) > 3 else "fastdime,dime")
     else:
         sys.exit("usage: bench_methods.py synthetic|adm [...]")

@@ -52,7 +52,7 @@ IGNORED_FLAGS = frozenset({
     "rescale_timesteps", "rescale_learned_sigmas", "use_checkpoint",
 })
 
-_DTYPES = {"fp32": None, "float32": None, "none": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+_DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
 
 
@@ -182,7 +182,8 @@ class ResBlock(TimestepBlock):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.dropout = dropout
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         # With resblock_updown the block itself resamples, between its norm and its conv
         # (and on the skip path): parameter-free, so no keys.
         self.updown = up or down
