@@ -1,4 +1,6 @@
 """Metrics and objectives against values computed by hand."""
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,6 +8,7 @@ import torch
 
 from cfx_cli import ZOO_DIR
 from cfx_cli.data.synthetic import SyntheticWorld
+from cfx_cli.errors import CfxError
 from cfx_cli.methods.base import difference_mask
 from cfx_cli.metrics.sample import OracleMetrics, distances
 from cfx_cli.metrics.summary import summarise
@@ -58,13 +61,40 @@ def test_objectives():
     assert t.tolist() == [1, 0]
     assert clf.success(logits, t).tolist() == [False, False]
     assert clf.loss(logits, t) == pytest.approx(torch.nn.functional.cross_entropy(logits, t, reduction="none"))
-    assert ClassificationObjective(loss="logit").loss(logits, t).tolist() == [1.0, -0.0]
+    assert clf.loss(logits, t, "logit").tolist() == [1.0, -0.0]
     y = torch.tensor([0.1, 0.7])
     assert RegressionObjective(mode="absolute", value=0.5).target(y).tolist() == [0.5, 0.5]
     assert RegressionObjective(mode="shift", value=0.4).target(y).tolist() == pytest.approx([0.5, 1.0])  # clamped
-    auto = build_objective("regression", {"mode": "auto"})
+
+    class Regressor:
+        task = "regression"
+
+    auto = build_objective(Regressor(), {"mode": "auto", "query": None})
     assert auto.target(y).tolist() == pytest.approx([0.8, 0.2])
     assert auto.success(torch.tensor([0.76, 0.3]), torch.tensor([0.8, 0.2])).tolist() == [True, False]
+
+
+def test_sigmoid_head_objective_by_hand():
+    """CelebA-style 40-logit head: the query attribute is a binary decision, class 1 when its logit > 0."""
+
+    class Attributes:
+        task, head, num_classes = "classification", "sigmoid", 3
+
+    out = torch.tensor([[0.5, -2.0, 9.0], [0.5, 1.5, -9.0]])
+    obj = build_objective(Attributes(), {"mode": "auto", "tolerance": 0.05}, query=1)  # query from the dataset
+    assert obj.prediction(out).tolist() == [0, 1] and obj.target(out).tolist() == [1, 0]
+    t = obj.target(out)
+    assert obj.loss(out, t, "logit").tolist() == [2.0, 1.5]  # -(2y*-1)·z: -(+1)(-2), -(-1)(1.5)
+    # binary cross-entropy: softplus(-z) for y* = 1, softplus(z) for y* = 0
+    assert obj.loss(out, t, "ce").tolist() == pytest.approx([math.log1p(math.exp(2.0)), math.log1p(math.exp(1.5))])
+    assert obj.probability(out, t).tolist() == pytest.approx([1 / (1 + math.exp(2.0)), 1 / (1 + math.exp(1.5))])
+    assert obj.success(torch.tensor([[0.0, 0.1, 0.0], [0.0, 0.1, 0.0]]), t).tolist() == [True, False]
+    # target.query wins over the dataset's; a head with several outputs needs one
+    assert build_objective(Attributes(), {"query": 2}, query=1).query == 2
+    with pytest.raises(CfxError, match="target.query=<index>"):
+        build_objective(Attributes(), {})
+    with pytest.raises(CfxError, match="target.query=5 is not an output"):
+        build_objective(Attributes(), {"query": 5})
 
 
 def test_difference_mask():
