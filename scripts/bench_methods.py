@@ -1,7 +1,7 @@
 """Each method's wall time over its floor, and DiME on the tiny ADM fixture.
 
     python scripts/bench_methods.py synthetic [num_images] [device]   # every method on the synthetic benchmark
-    python scripts/bench_methods.py adm [batch] [device] [dtype]       # DiME, tiny ADM, tau 60 of 200, one scale
+    python scripts/bench_methods.py adm [batch] [device] [dtype] [compile]   # DiME, tiny ADM, tau 60 of 200, one scale
     python scripts/bench_methods.py adm128 [batch] [device] [dtype] [methods]   # CelebA-128 ADM, s/CF (GPU)
 
 The *floor* of a run is the time of its UNet and explained-model calls alone: every call the
@@ -122,7 +122,7 @@ def synthetic(n=16, device="cpu"):
               f"{r['model_calls']:6d}")
 
 
-def adm(batch=8, device="cpu", dtype=None):
+def adm(batch=8, device="cpu", dtype=None, compile=False):
     """DiME as the issue's benchmark: the tiny ADM fixture (32×32), batch 8, τ = 60 of 200, one scale."""
     import json
 
@@ -135,8 +135,13 @@ def adm(batch=8, device="cpu", dtype=None):
     flags = json.loads((fixtures / "tiny_adm_flags.json").read_text())
     flags = {k: v for k, v in flags.items() if k not in ("timestep_respacing", "use_fp16")}
     log = []
-    gen = load_adm(fixtures / "tiny_adm_celeba_format.pt", compute_dtype=dtype, **flags).to(device)
+    gen = load_adm(fixtures / "tiny_adm_celeba_format.pt", compute_dtype=dtype, compile=compile, **flags).to(device)
     unet = Recorder(gen, "unet", log)
+    if compile:  # the one-time compile, timed apart from the method
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gen(torch.zeros(batch, 3, 32, 32, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+        print(f"torch.compile (one-time, first call): {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(0)
     clf = Recorder(ExplainedModel(densenet121(num_classes=40), "classification", num_classes=40,
                                   head="sigmoid").to(device), "model", log)
@@ -147,6 +152,7 @@ def adm(batch=8, device="cpu", dtype=None):
     method = DiME(DDPMSampler(unet, 200), clf, obj, tau=60, scales=(8.0,), lambda_perc=0)
     r = run("dime[tiny adm]", method, x, target, list(range(batch)), unet, clf, device, log)
     print(f"DiME, tiny ADM fixture, batch {batch}, tau 60 of 200, one scale, {device}, dtype {dtype or 'fp32'}, "
+          f"compile {compile}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"wall {r['wall_s']:.1f} s  floor {r['floor_s']:.1f} s  wall/floor {r['ratio']:.3f}  "
           f"UNet calls {r['unet_calls']}  classifier calls {r['model_calls']}  s/CF {r['wall_s'] / batch:.2f}")
@@ -189,7 +195,8 @@ if __name__ == "__main__":
     if what == "synthetic":
         synthetic(int(args[0]) if args else 16, args[1] if len(args) > 1 else "cpu")
     elif what == "adm":
-        adm(int(args[0]) if args else 8, args[1] if len(args) > 1 else "cpu", args[2] if len(args) > 2 else None)
+        adm(int(args[0]) if args else 8, args[1] if len(args) > 1 else "cpu",
+            None if len(args) < 3 or args[2] == "fp32" else args[2], len(args) > 3 and args[3] == "compile")
     elif what == "adm128":
         adm128(int(args[0]) if args else 16, args[1] if len(args) > 1 else "cuda", args[2] if len(args) > 2 else None,
                args[3] if len(args) > 3 else "fastdime,dime")

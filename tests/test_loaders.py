@@ -66,3 +66,18 @@ def test_vgg_perceptual_loads_torchvision_layout(tmp_path):
     assert (perc(x, -x) > 0).all()
     with pytest.raises(CfxError, match="method.perceptual.weights is null"):
         VGGPerceptual(None)
+
+
+def test_compile_option_wraps_the_network_lazily(tmp_path):
+    """diffusion.compile=true: the UNet is torch.compile'd on first use, kept out of the state dict;
+    compile=false calls the plain module (the compiled path's speed is in scripts/bench_methods.py)."""
+    unet = build_unet(16, channels=(16, 16, 16), norm_num_groups=8, attention_head_dim=8)
+    from cfx_cli.diffusion.schedule import NoiseSchedule
+    from cfx_cli.models.generative import PixelDiffusion
+
+    plain = PixelDiffusion(unet, NoiseSchedule.from_config("linear", 100))
+    fast = PixelDiffusion(unet, NoiseSchedule.from_config("linear", 100), compile=True)
+    assert plain.network() is unet
+    net = fast.network()
+    assert net is not unet and net is fast.network() and isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    assert list(fast.state_dict()) == list(plain.state_dict())
