@@ -35,3 +35,13 @@ def compose():
             return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors and many calls: two OpenMP threads wait on
+    each other more than they compute (measured ten-fold slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,14 +18,7 @@ TINY = FIXTURES / "tiny_adm_celeba_format.pt"
 RELEASED = json.loads((FIXTURES / "adm_checkpoint_keys.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These forwards are small: one thread is as fast, and immune to OpenMP stalls when
-    the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small forwards: one thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ SEED, INDICES = 7, [3, 11]
 ATOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 # ----------------------------------------------------------------------- tables, by hand

@@ -12,13 +12,7 @@ from cfx_cli.methods.base import SampleRNG
 from cfx_cli.models.counting import CostMeter, Counted
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors and many steps: one thread is far faster than two on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 class Stub(nn.Module):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfx_cli.data.celeba import ATTRIBUTE_NAMES
 from cfx_cli.errors import CfxError
 from cfx_cli.models.checkpoints import load_state_dict
 from cfx_cli.models.explained import ExplainedModel
@@ -34,14 +35,7 @@ __all__ = ["celeba_densenet", "dime_oracle", "torchvision_classifier", "DimeOrac
            "read_layout", "CELEBA_ATTRIBUTES"]
 
 # The 40 CelebA attributes in list_attr_celeba.txt order (the classifier's and the oracle's outputs).
-CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
-    "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
-    "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
-    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
-    "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
-)
+CELEBA_ATTRIBUTES = ATTRIBUTE_NAMES
 
 # Containers that wrap a state dict in training checkpoints (load_state_dict already opens 'state_dict'
 # and 'model'); STEEX's checkpoint.tar keeps its weights under 'model_state_dict'.
