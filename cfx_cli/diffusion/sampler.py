@@ -76,6 +76,10 @@ class Sampler:
         """Tweedie's one-step clean estimate x̂_0(z_t)."""
         return self.predict(z, t, cond)["pred_xstart"]
 
+    def alpha_bar(self, t, like: Tensor) -> Tensor:
+        """ᾱ_t on this grid, shaped to broadcast against ``like``."""
+        return self.schedule.alpha_bar(t, like)
+
     # ----------------------------------------------------------- forward side
     def q_sample(self, x0: Tensor, t, noise: Tensor) -> Tensor:
         return self.schedule.q_sample(x0, t, noise)

@@ -92,5 +92,5 @@ class FastDiME:
         perc = None if self.perceptual is None else (lambda xh: self.lambda_perc * self.perceptual.to(x)(xh, x).sum())
         g = loss_gradient(self.model, self.objective, x_hat, y, scale, self.classifier_loss, extra=perc)
         if self.rescale_sqrt_alpha:
-            g = g / self.sampler.schedule.alpha_bar(t, g).sqrt()
+            g = g / self.sampler.alpha_bar(t, g).sqrt()
         return g + self.lambda_l1 * torch.sign(z - x)
