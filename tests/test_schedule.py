@@ -1,5 +1,4 @@
 """The noise-schedule math against diffusers' DDPMScheduler and the ADM reference fixture."""
-import os
 from pathlib import Path
 
 import pytest
@@ -8,16 +7,12 @@ from diffusers import DDPMScheduler
 
 from cfx_cli.diffusion.schedule import NoiseSchedule, space_timesteps
 
-# The papers' reference data lives beside the checkout (../shared/fixtures); CFX_FIXTURES points elsewhere.
-FIXTURES = Path(os.environ.get("CFX_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "adm"
+# Reference data made with guided-diffusion's own code (random weights), kept in the repo (tests/fixtures/adm).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "adm"
 
 
 def load_fixture(name: str):
-    path = FIXTURES / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the ADM reference fixtures sit in ../shared/fixtures beside "
-                                f"the checkout; set CFX_FIXTURES=/path/to/fixtures if they are elsewhere")
-    return torch.load(path, weights_only=True)
+    return torch.load(FIXTURES / name, weights_only=True)
 
 
 def test_tables_and_forward_process_match_diffusers():
