@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn  # noqa: F401
 
 from cfx_cli import ZOO_DIR
 from cfx_cli.data.synthetic import SyntheticDataset

@@ -66,7 +66,6 @@ def test_celeba_experiment_end_to_end(tmp_path, compose, files, experiment, per_
     s = read_samples(tmp_path / "job").sort_values("index")
     # The explained decision is the Smiling logit (index 31) of the 40, flipped.
     from cfx_cli.data.celeba import CelebADataset
-    from cfx_cli.outputs import to_uint8  # noqa: F401  (images are written as PNGs)
 
     ds = CelebADataset(root / "celeba", split="val", query="smile", image_size=32, subset="mini_val", num_images=4)
     x = ds.batch(list(range(4)))["x"]
