@@ -59,7 +59,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def unit_times(calls: Counter, unet, model, shape, device, reps=5) -> dict:
+def unit_times(calls: Counter, unet, model, shape, device, reps=15) -> dict:
     """Median seconds of each distinct (role, batch, backward) call, timed alone."""
     times = {}
     for role, batch, backward in calls:
