@@ -53,8 +53,14 @@ class DiME:
         return z
 
     def gradient(self, x_hat, x, z, y, t, scale):
-        """[s ∇L_c + λ_p ∇perc] / √ᾱ_t at x̂, plus λ_1 ∇_z ‖z − x‖_1."""
-        perc = None if self.perceptual is None else (lambda xh: self.lambda_perc * self.perceptual.to(x)(xh, x).sum())
-        g = loss_gradient(self.model, self.objective, x_hat, y, scale, self.classifier_loss, extra=perc)
-        g = g / self.sampler.alpha_bar(t, g).sqrt()
-        return g + self.lambda_l1 * torch.sign(z - x)
+        return dime_gradient(self, x_hat, x, z, y, t, scale, rescale_sqrt_alpha=True)
+
+
+def dime_gradient(m, x_hat, x, z, y, t, scale, rescale_sqrt_alpha):
+    """DiME's guidance gradient, shared with FastDiME (which skips the rescaling by default):
+    [s ∇L_c + λ_p ∇perc] at x̂ [/ √ᾱ_t], plus λ_1 ∇_z ‖z − x‖_1."""
+    perc = None if m.perceptual is None else (lambda xh: m.lambda_perc * m.perceptual.to(x)(xh, x).sum())
+    g = loss_gradient(m.model, m.objective, x_hat, y, scale, m.classifier_loss, extra=perc)
+    if rescale_sqrt_alpha:
+        g = g / m.sampler.alpha_bar(t, g).sqrt()
+    return g + m.lambda_l1 * torch.sign(z - x)

@@ -21,8 +21,8 @@ import torch
 
 from cfx_cli.errors import CfxError
 from cfx_cli.methods.base import check_dilation, difference_mask
-from cfx_cli.methods.guidance import (check_common, check_finite, guided_mean, loss_gradient, retry_scales,
-                                      start_level)
+from cfx_cli.methods.dime import dime_gradient
+from cfx_cli.methods.guidance import check_common, check_finite, guided_mean, retry_scales, start_level
 from cfx_cli.models.perceptual import perceptual_loss
 
 VARIANTS = ("mask", "nomask", "2", "2+")
@@ -88,9 +88,4 @@ class FastDiME:
         return z, mask
 
     def gradient(self, x_hat, x, z, y, t, scale):
-        """s ∇L_c [+ λ_p ∇perc] at x̂ [/ √ᾱ_t], plus λ_1 ∇_z ‖z − x‖_1."""
-        perc = None if self.perceptual is None else (lambda xh: self.lambda_perc * self.perceptual.to(x)(xh, x).sum())
-        g = loss_gradient(self.model, self.objective, x_hat, y, scale, self.classifier_loss, extra=perc)
-        if self.rescale_sqrt_alpha:
-            g = g / self.sampler.alpha_bar(t, g).sqrt()
-        return g + self.lambda_l1 * torch.sign(z - x)
+        return dime_gradient(self, x_hat, x, z, y, t, scale, self.rescale_sqrt_alpha)
