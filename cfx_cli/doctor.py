@@ -151,7 +151,8 @@ def doctor(cfg: DictConfig, device: str | torch.device | None = None) -> list[Ch
     from cfx_cli.metrics.sample import OracleMetrics
     from cfx_cli.models.counting import CostMeter, Counted
     from cfx_cli.objectives import build_objective
-    from cfx_cli.run import PART_ROLES, explained_model, instantiate_method, resolve_device, shard_indices
+    from cfx_cli.run import (PART_ROLES, build_sampler, check_resolution, explained_model, instantiate_method,
+                             resolve_device, shard_indices)
 
     checks: list[Check] = []
     failed: set[str] = set()  # parts that did not build
@@ -269,26 +270,21 @@ def doctor(cfg: DictConfig, device: str | torch.device | None = None) -> list[Ch
 
     generative = part("diffusion", _diffusion)
 
-    # -- the dataset's resolution against the diffusion model's (as build does)
+    # -- the dataset's resolution against the diffusion model's (build's own check)
     if dataset is not None and generative is not None:
-        data_size = getattr(dataset, "image_size", None) or getattr(getattr(dataset, "world", None), "image_size", None)
-        gen_size = generative.image_size
-        if data_size and gen_size and int(data_size) != int(gen_size):
-            checks.append(Check("image size", False,
-                                f"dataset.image_size={data_size} but the diffusion model makes {gen_size}×{gen_size} "
-                                f"images: set dataset.image_size={gen_size} (images travel at the generative "
-                                f"model's resolution)"))
+        try:
+            size = check_resolution(dataset, generative)
+            if size:
+                checks.append(Check("image size", True, f"dataset and diffusion model both {size}×{size}"))
+        except CfxError as e:
+            checks.append(Check("image size", False, str(e)))
             failed.add("image size")
-        elif data_size and gen_size:
-            checks.append(Check("image size", True, f"dataset and diffusion model both {gen_size}×{gen_size}"))
     if generative is not None:
         generative = Counted(generative, meter, "unet")
 
     # -- sampler
     def _sampler():
-        sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
-        sampler_cfg.pop("name", None)
-        sampler = instantiate(sampler_cfg, model=generative)
+        sampler = build_sampler(cfg, generative)
         full = generative.schedule.num_timesteps
         return sampler, f"{type(sampler).__name__}, {sampler.num_steps} of {full} steps"
 

@@ -72,6 +72,23 @@ def instantiate_method(node: DictConfig, parts: dict):
 PART_ROLES = ("sampler", "generative", "model", "robust_model", "objective")
 
 
+def check_resolution(dataset, generative) -> int | None:
+    """Images travel at the generative model's resolution: the dataset must deliver it. Returns it."""
+    data_size = getattr(dataset, "image_size", None) or getattr(getattr(dataset, "world", None), "image_size", None)
+    if data_size and generative.image_size and int(data_size) != int(generative.image_size):
+        raise CfxError(f"dataset.image_size={data_size} but the diffusion model makes {generative.image_size}×"
+                       f"{generative.image_size} images: set dataset.image_size={generative.image_size} "
+                       f"(images travel at the generative model's resolution)")
+    return int(data_size) if data_size and generative.image_size else None
+
+
+def build_sampler(cfg: DictConfig, generative):
+    """The ``sampler`` group's sampler over the (counted) generative model."""
+    sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
+    sampler_cfg.pop("name", None)
+    return instantiate(sampler_cfg, model=generative)
+
+
 def build(cfg: DictConfig, device: torch.device) -> dict:
     """Every part of a job, built once; the UNet and the explained models are wrapped in counters."""
     meter = CostMeter()
@@ -79,15 +96,9 @@ def build(cfg: DictConfig, device: torch.device) -> dict:
     model, model_key = explained_model(cfg)
     model = Counted(model.to(device), meter, "model")
     generative = instantiate(cfg.diffusion).to(device)
-    data_size = getattr(dataset, "image_size", None) or getattr(getattr(dataset, "world", None), "image_size", None)
-    if data_size and generative.image_size and int(data_size) != int(generative.image_size):
-        raise CfxError(f"dataset.image_size={data_size} but the diffusion model makes {generative.image_size}×"
-                       f"{generative.image_size} images: set dataset.image_size={generative.image_size} "
-                       f"(images travel at the generative model's resolution)")
+    check_resolution(dataset, generative)
     generative = Counted(generative, meter, "unet")
-    sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
-    sampler_cfg.pop("name", None)
-    sampler = instantiate(sampler_cfg, model=generative)
+    sampler = build_sampler(cfg, generative)
     objective = build_objective(model, OmegaConf.to_container(cfg.target, resolve=True),
                                 query=getattr(dataset, "query_index", None))
     robust = None
