@@ -7,11 +7,18 @@ regression through this object.
 """
 from __future__ import annotations
 
+import csv
+import re
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from cfx_cli.errors import CfxError
+
+# Target tables shipped with cfx (target.table=<name> reads <name>_targets.csv there).
+SHIPPED_TABLES = Path(__file__).resolve().parent / "data"
 
 
 class ClassificationObjective:
@@ -22,7 +29,9 @@ class ClassificationObjective:
     is K = 1, query 0). A sigmoid head's class is 1 when the query logit is positive.
 
     mode ``flip``: the other class of a binary decision (even when the prediction was wrong,
-    as the CelebA papers do); ``class``: the class ``value`` for every image.
+    as the CelebA papers do); ``class``: the class ``value`` for every image; ``table``: the class a
+    CSV (``source,target``) gives for the predicted class (``table``: a path, or the name of a shipped
+    table, ``imagenet`` = each class's closest other class in WordNet, as DVCE / LDCE pick targets).
 
     ``loss(output, target, kind)``: the method chooses ``kind`` —
     ``ce``: cross-entropy to the target (binary cross-entropy for a sigmoid head);
@@ -34,11 +43,12 @@ class ClassificationObjective:
     LOSSES = ("ce", "logit")
 
     def __init__(self, mode: str = "flip", value=None, head: str = "softmax", query: int | None = None,
-                 num_outputs: int | None = None):
-        if mode not in ("flip", "class"):
-            raise CfxError(f"target.mode={mode!r} is not a classification target; use flip or class")
+                 num_outputs: int | None = None, table: str | None = None):
+        if mode not in ("flip", "class", "table"):
+            raise CfxError(f"target.mode={mode!r} is not a classification target; use flip, class or table")
         if mode == "class" and value is None:
             raise CfxError("target.mode=class needs target.value=<class index>")
+        self.table = load_target_table(table) if mode == "table" else None
         if head == "sigmoid":
             if query is None:
                 if num_outputs not in (None, 1):
@@ -50,6 +60,8 @@ class ClassificationObjective:
                 raise CfxError(f"target.query={query} is not an output of this classifier (0..{num_outputs - 1})")
         self.mode, self.value, self.head = mode, value, head
         self.query = None if query is None else int(query)
+        if self.table is not None and head == "softmax" and num_outputs is not None:
+            self._lookup(num_outputs)  # a bad table fails before the first batch
 
     def logit(self, output: Tensor) -> Tensor:
         """The query attribute's logit (sigmoid heads)."""
@@ -66,10 +78,33 @@ class ClassificationObjective:
             if not 0 <= int(self.value) < classes:
                 raise CfxError(f"target.value={self.value} is not a class of this classifier (0..{classes - 1})")
             return torch.full((output.shape[0],), int(self.value), dtype=torch.long, device=output.device)
+        if self.mode == "table":
+            pred = self.prediction(output)
+            target = self._lookup(classes).to(output.device)[pred]
+            if (target < 0).any():
+                c = int(pred[target < 0][0])
+                raise CfxError(f"target.table={self.table.path} has no row for class {c}, the model's prediction: "
+                               f"add a '{c},<target class>' row")
+            return target
         if classes != 2:
             raise CfxError(f"target.mode=flip needs a binary classifier, this one has {classes} classes; "
                            f"use target=class target.value=<index>")
         return 1 - self.prediction(output)
+
+    def _lookup(self, classes: int) -> Tensor:
+        """source -> target as a tensor over the model's classes (-1: no row), every index in range."""
+        table = self.table
+        if getattr(table, "lookup", None) is not None and len(table.lookup) == classes:
+            return table.lookup
+        bad = next(((s, t) for s, t in table.rows.items() if not (0 <= s < classes and 0 <= t < classes)), None)
+        if bad is not None:
+            raise CfxError(f"target.table={table.path} maps class {bad[0]} to {bad[1]}, out of range for this "
+                           f"classifier's classes 0..{classes - 1}: is it the table of this model's classes?")
+        lookup = torch.full((classes,), -1, dtype=torch.long)
+        for s, t in table.rows.items():
+            lookup[s] = t
+        table.lookup = lookup
+        return lookup
 
     def loss(self, output: Tensor, target: Tensor, kind: str = "ce") -> Tensor:
         if kind not in self.LOSSES:
@@ -91,6 +126,52 @@ class ClassificationObjective:
         if self.head == "sigmoid":
             return torch.sigmoid((2.0 * target.to(output.dtype) - 1.0) * self.logit(output))
         return output.softmax(1).gather(1, target.view(-1, 1)).squeeze(1)
+
+
+class TargetTable:
+    """A ``source,target`` CSV of class indices (header required; other columns are ignored)."""
+
+    def __init__(self, path: Path, rows: dict[int, int]):
+        self.path, self.rows = path, rows
+        self.lookup: Tensor | None = None  # rows as a tensor over a model's classes, built once
+
+
+def load_target_table(table) -> TargetTable:
+    """``table``: a CSV path, or the name of a table shipped in cfx_cli/data (``imagenet``)."""
+    if table is None or str(table).strip() in ("", "???"):
+        raise CfxError("target.mode=table needs target.table=<CSV with source,target columns> "
+                       "(or imagenet, the shipped WordNet-closest ImageNet table)")
+    shipped = SHIPPED_TABLES / f"{table}_targets.csv"
+    is_name = re.fullmatch(r"[A-Za-z0-9_]+", str(table)) and shipped.is_file()
+    path = shipped if is_name else Path(str(table)).expanduser()
+    if not path.is_file():
+        names = sorted(p.name[:-len("_targets.csv")] for p in SHIPPED_TABLES.glob("*_targets.csv"))
+        raise CfxError(f"target.table={table} does not exist: give a CSV with source,target columns or a shipped "
+                       f"table ({', '.join(names)})")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"source", "target"} <= set(reader.fieldnames or ()):
+                raise CfxError(f"target.table={path} has no source,target header (columns: "
+                               f"{','.join(reader.fieldnames or ())}): write 'source,target' then one row per class")
+            rows: dict[int, int] = {}
+            for k, row in enumerate(reader, 2):
+                try:
+                    s, t = int(row["source"]), int(row["target"])
+                except (TypeError, ValueError):
+                    raise CfxError(f"target.table={path}: line {k} has source={row['source']!r}, "
+                                   f"target={row['target']!r}; both must be class indices") from None
+                if s in rows:
+                    raise CfxError(f"target.table={path}: class {s} has two rows (line {k}); keep one")
+                if s == t:
+                    raise CfxError(f"target.table={path}: line {k} maps class {s} to itself; a counterfactual "
+                                   f"needs another class")
+                rows[s] = t
+    except (OSError, UnicodeDecodeError) as e:
+        raise CfxError(f"target.table={path} cannot be read ({type(e).__name__})") from None
+    if not rows:
+        raise CfxError(f"target.table={path} has no rows: write one 'source,target' row per class")
+    return TargetTable(path, rows)
 
 
 class RegressionObjective:
@@ -134,6 +215,7 @@ class RegressionObjective:
 
 
 REGRESSION_ONLY = ("tolerance", "auto_values", "clamp")  # target keys that only regression reads
+CLASSIFICATION_ONLY = ("table",)  # target keys that only classification reads
 
 
 def build_objective(model, target_cfg: dict, query: int | None = None):
@@ -149,5 +231,7 @@ def build_objective(model, target_cfg: dict, query: int | None = None):
                                        query=query if cfg_query is None else cfg_query,
                                        num_outputs=getattr(model, "num_classes", None), **cfg)
     if model.task == "regression":
+        for k in CLASSIFICATION_ONLY:
+            cfg.pop(k, None)
         return RegressionObjective(mode=mode, **cfg)
     raise CfxError(f"task={model.task!r} is unknown; the explained model must be a classifier or a regressor")

@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from cfx_cli import CONF_DIR
 
-GROUPS = ["dataset", "classifier", "regressor", "diffusion", "sampler", "method", "target", "metrics", "debug"]
+GROUPS = ["dataset", "classifier", "regressor", "robust_model", "diffusion", "sampler", "method", "target", "metrics",
+          "debug"]
 
 
 def options(group):
@@ -16,7 +17,8 @@ def options(group):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(compose, group, option):
-    extra = {"dataset/folder": ["dataset.root=/tmp"], "diffusion/diffusers_ddpm": ["diffusion.path=/tmp"]}
+    extra = {"dataset/folder": ["dataset.root=/tmp"], "diffusion/diffusers_ddpm": ["diffusion.path=/tmp"],
+             "dataset/imagenet": ["dataset.root=/tmp"]}
     cfg = compose([f"{group}={option}", *extra.get(f"{group}/{option}", [])])
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert group == "debug" or cfg[group] is not None  # debug files set keys across groups
@@ -79,3 +81,14 @@ def test_launcher_presets_compose(launcher):
         assert target.endswith("SlurmLauncher")
         assert cfg.hydra.launcher.timeout_min == 240 and cfg.hydra.launcher.array_parallelism == 32
         assert cfg.hydra.launcher.gpus_per_node == 1 and "partition" in cfg.hydra.launcher
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_debug_fast_has_a_short_setting_for_every_method(compose, method):
+    """debug=fast sets method keys per method (conf/debug_method/fast_<method>.yaml): each method has one,
+    and it shortens the job (fewer guided steps or iterations than the method's own config)."""
+    assert (CONF_DIR / "debug_method" / f"fast_{method}.yaml").exists()
+    full, fast = compose([f"method={method}"]), compose([f"method={method}", "debug=fast"])
+    shorter = [k for k in ("tau", "iterations", "start", "augmentations")
+               if k in fast.method and fast.method[k] < full.method[k]]
+    assert shorter and fast.dataset.num_images == 4

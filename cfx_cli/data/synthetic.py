@@ -95,6 +95,16 @@ class SyntheticWorld:
     # -------------------------------------------------------------- rendering
     def render(self, factors: dict[str, np.ndarray]) -> torch.Tensor:
         """Images N×3×H×W in [-1, 1] from factor arrays (``shape`` = label)."""
+        alpha = self.object_mask(factors)
+        n = alpha.shape[0]
+        f = {k: torch.as_tensor(np.asarray(factors[k])).long() for k in ("obj_colour", "bg_colour")}
+        obj = torch.tensor(OBJECT_COLOURS, dtype=torch.float32)[f["obj_colour"]].view(n, 3, 1, 1)
+        bg = torch.tensor(BACKGROUND_COLOURS, dtype=torch.float32)[f["bg_colour"]].view(n, 3, 1, 1)
+        img = bg * (1 - alpha) + obj * alpha
+        return img * 2 - 1
+
+    def object_mask(self, factors: dict[str, np.ndarray]) -> torch.Tensor:
+        """N×1×H×W coverage of the object in [0, 1] (a one-pixel anti-aliased edge)."""
         h = self.image_size
         if self._coords is None:
             c = torch.arange(h, dtype=torch.float32) + 0.5
@@ -111,11 +121,7 @@ class SyntheticWorld:
             sel = global_shape == sid
             if sel.any():
                 sdf[sel] = fn(dx[sel], dy[sel], s[sel])
-        alpha = (0.5 - sdf).clamp(0, 1)[:, None]  # one-pixel anti-aliased edge
-        obj = torch.tensor(OBJECT_COLOURS, dtype=torch.float32)[f["obj_colour"].long()].view(n, 3, 1, 1)
-        bg = torch.tensor(BACKGROUND_COLOURS, dtype=torch.float32)[f["bg_colour"].long()].view(n, 3, 1, 1)
-        img = bg * (1 - alpha) + obj * alpha
-        return img * 2 - 1
+        return (0.5 - sdf).clamp(0, 1)[:, None]
 
     def ideal_counterfactual(self, factors: dict[str, np.ndarray], **changes) -> torch.Tensor:
         """Render the same factors with only the named ones replaced (e.g. shape=label)."""

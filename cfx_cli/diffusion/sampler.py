@@ -67,10 +67,13 @@ class Sampler:
         t = torch.as_tensor(t, device=z.device).long().reshape(-1).expand(z.shape[0])
         return self.model(z, self.schedule.timestep_map.to(z.device)[t], cond)
 
-    def predict(self, z: Tensor, t, cond=None, output: Tensor | None = None) -> dict[str, Tensor]:
-        """Mean, variance, log-variance of p(z_{t−1} | z_t), the clean estimate and ε (one network call)."""
+    def predict(self, z: Tensor, t, cond=None, output: Tensor | None = None, clip: bool | None = None
+                ) -> dict[str, Tensor]:
+        """Mean, variance, log-variance of p(z_{t−1} | z_t), the clean estimate and ε (one network call).
+        ``clip`` (default: the generative model's ``clip_denoised``) clips the clean estimate to [-1, 1]."""
         out = self.network(z, t, cond) if output is None else output
-        return self.schedule.p_mean_variance(out, z, t, self.model.variance, self.model.clip_denoised)
+        clip = self.model.clip_denoised if clip is None else clip
+        return self.schedule.p_mean_variance(out, z, t, self.model.variance, clip)
 
     def x0(self, z: Tensor, t, cond=None) -> Tensor:
         """Tweedie's one-step clean estimate x̂_0(z_t)."""

@@ -17,11 +17,14 @@ class CFResult:
     N×C×H×W images (e.g. ACE's pre-explanation), saved beside the counterfactual; ``info`` holds
     per-sample numbers (the scale that was used, a method's own success judgement, ...).
 
-    The runner judges success on ``x_cf`` and reads the cost from the counting wrappers."""
+    The runner judges success on ``x_cf`` and reads the cost from the counting wrappers. ``judged``
+    replaces ``x_cf`` as the image success is judged on, for a paper reproduction whose public code
+    judged another image (ACE's pre-explanation); the runner then records ``success_final`` too."""
 
     x_cf: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Tensor] = field(default_factory=dict)
+    judged: Tensor | None = None
 
 
 class SampleRNG:

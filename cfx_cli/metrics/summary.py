@@ -9,7 +9,8 @@ MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
          "bg_changed": "shortcut_reveal_rate", "oracle_flip": "oracle_flip_rate",
          "nfe_unet": "nfe_unet", "nfe_unet_backward": "nfe_unet_backward", "nfe_model": "nfe_model",
          "nfe_model_backward": "nfe_model_backward", "nfe_robust_model": "nfe_robust_model",
-         "nfe_robust_model_backward": "nfe_robust_model_backward", "seconds": "seconds_per_cf"}
+         "nfe_robust_model_backward": "nfe_robust_model_backward", "pgd_iterations": "pgd_iterations",
+         "seconds": "seconds_per_cf"}
 # Column -> name of its maximum: the peak memory of the job's largest batch.
 MAXES = {"peak_mem_mib": "peak_mem_mib"}
 
@@ -23,6 +24,10 @@ def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
     res: dict[str, float] = {"num_samples": float(n), "num_failed": float(failed.sum())}
     success = samples["success"].astype(float).where(~failed, 0.0)
     res["flip_rate" if task == "classification" else "success_rate"] = float(success.mean()) if n else np.nan
+    rate = "flip_rate" if task == "classification" else "success_rate"
+    for col in ("success_pre_explanation", "success_final"):  # ACE: both of its images judged
+        if col in samples and n:
+            res[f"{rate}_{col.removeprefix('success_')}"] = float(samples[col].astype(float).where(~failed, 0.0).mean())
     if task == "regression" and len(ok):
         res["mae_to_target"] = float((ok["cf_pred"] - ok["target"]).abs().mean())
         res["mae_to_target_before"] = float((ok["pred"] - ok["target"]).abs().mean())

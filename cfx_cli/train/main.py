@@ -56,8 +56,13 @@ def train(cfg: DictConfig) -> dict:
     common = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, width=t.width, seed=cfg.seed)
     n = int(cfg.eval_images)
     if t.kind == "classifier":
-        model = supervised.train_classifier(world, input_size=t.input_size, **common)
-        quality = supervised.evaluate_classifier(model, test_world, n)
+        adversarial = OmegaConf.to_container(t.adversarial, resolve=True) if t.get("adversarial") else None
+        if adversarial:
+            from cfx_cli.train.adversarial import check_budget
+
+            check_budget(adversarial["norm"], adversarial["eps"], adversarial["steps"])
+        model = supervised.train_classifier(world, input_size=t.input_size, adversarial=adversarial, **common)
+        quality = supervised.evaluate_classifier(model, test_world, n, attack=adversarial)
         net, arch, kwargs = model.net, "small_cnn", {"num_outputs": len(world.shapes), "width": t.width}
         info.update(task="classification", classes=list(world.shapes), input_size=t.input_size)
     elif t.kind == "regressor":

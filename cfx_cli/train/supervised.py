@@ -25,13 +25,15 @@ def _batches(world: SyntheticWorld, steps: int, batch_size: int, seed: int):
         yield step, world.render(f), f
 
 
-def _fit(model, loss_fn, world, steps, batch_size, lr, seed, desc):
+def _fit(model, loss_fn, world, steps, batch_size, lr, seed, desc, perturb=None):
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
     bar = tqdm(_batches(world, steps, batch_size, seed), total=steps, desc=desc, mininterval=5)
     for step, x, f in bar:
+        if perturb is not None:  # adversarial training: fit the attacked batch
+            x = perturb(x, f)
         loss = loss_fn(model(x), f)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -54,10 +56,19 @@ def _trainable(net, task: str, input_size: int | None) -> ExplainedModel:
     return model
 
 
-def train_classifier(world: SyntheticWorld, steps=600, batch_size=128, lr=3e-3, width=32, seed=0, input_size=None):
+def train_classifier(world: SyntheticWorld, steps=600, batch_size=128, lr=3e-3, width=32, seed=0, input_size=None,
+                     adversarial: dict | None = None):
+    """A shape classifier; ``adversarial`` ({norm, eps, steps}) trains it on PGD examples instead (Madry et al.)."""
     model = _trainable(SmallCNN(len(world.shapes), width), "classification", input_size)
     loss = lambda out, f: F.cross_entropy(out, torch.as_tensor(f["shape"]).long())  # noqa: E731
-    return _fit(model, loss, world, steps, batch_size, lr, seed, "train classifier")
+    perturb, desc = None, "train classifier"
+    if adversarial:
+        from cfx_cli.train.adversarial import adversarial_examples
+
+        perturb = adversarial_examples(model, adversarial["norm"], adversarial["eps"], adversarial["steps"],
+                                       torch.Generator().manual_seed(seed))
+        desc = f"train classifier (PGD {adversarial['norm']} eps={adversarial['eps']})"
+    return _fit(model, loss, world, steps, batch_size, lr, seed, desc, perturb)
 
 
 def train_regressor(world: SyntheticWorld, steps=1500, batch_size=128, lr=3e-3, width=32, seed=0, input_size=None):
@@ -86,15 +97,27 @@ def _test_batch(world: SyntheticWorld, n: int, seed: int):
     return world.render(f), f
 
 
-@torch.no_grad()
-def evaluate_classifier(model, world: SyntheticWorld, n=1000, seed=123) -> dict:
-    """Accuracy on fresh test images, overall and where the background contradicts the shape."""
+def evaluate_classifier(model, world: SyntheticWorld, n=1000, seed=123, attack: dict | None = None) -> dict:
+    """Accuracy on fresh test images, overall and where the background contradicts the shape; with
+    ``attack`` ({norm, eps}) also the accuracy under a 20-step PGD attack of that budget and how well
+    the input gradient aligns with the ideal shape change (``cfx_cli.train.adversarial``)."""
     x, f = _test_batch(world, n, seed)
-    pred = model(x).argmax(1).numpy()
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
     correct = pred == f["shape"]
     conflict = np.array([int(b) not in world.preferred_backgrounds(int(s)) for s, b in zip(f["shape"], f["bg_colour"])])
-    return {"accuracy": float(correct.mean()), "accuracy_bg_conflict": float(correct[conflict].mean()),
-            "accuracy_bg_aligned": float(correct[~conflict].mean())}
+    out = {"accuracy": float(correct.mean()), "accuracy_bg_conflict": float(correct[conflict].mean()),
+           "accuracy_bg_aligned": float(correct[~conflict].mean())}
+    if attack:
+        from cfx_cli.train.adversarial import gradient_alignment, robust_accuracy
+
+        y = torch.as_tensor(f["shape"]).long()
+        other = (f["shape"] + 1) % len(world.shapes)  # the next shape: the other one of two
+        out[f"robust_accuracy_{attack['norm']}_{attack['eps']}"] = robust_accuracy(model, x, y, attack["norm"],
+                                                                                  attack["eps"], seed=seed)
+        out["gradient_alignment"] = gradient_alignment(model, x, torch.as_tensor(other).long(),
+                                                       world.ideal_counterfactual(f, shape=other))
+    return out
 
 
 @torch.no_grad()
