@@ -320,10 +320,7 @@ def resnet_files(tmp_path_factory):
 
 
 def compose_robust(compose, overrides):
-    try:
-        return compose(["robust_model=madry_resnet50", *overrides])
-    except Exception:  # a config whose defaults list has no robust_model entry
-        return compose(["+robust_model=madry_resnet50", *overrides])
+    return compose(["robust_model=madry_resnet50", *overrides])
 
 
 def test_model_configs_instantiate_on_released_layouts(resnet_files, compose):
@@ -347,6 +344,12 @@ def test_model_configs_instantiate_on_released_layouts(resnet_files, compose):
     robust = instantiate(cfg.robust_model)
     with torch.no_grad():
         torch.testing.assert_close(robust(x), logits, rtol=1e-4, atol=1e-4)
+
+    # the cone's robust model as DVCE's scripts pick it: Madry+FT, with its temperature
+    cfg = compose(["robust_model=dvce_madryft", f"robust_model.path={tmp / 'madryft.pt'}"])
+    assert cfg.robust_model.key == "robust_model.path"
+    with torch.no_grad():
+        torch.testing.assert_close(instantiate(cfg.robust_model)(x), logits / DVCE_T, rtol=1e-4, atol=1e-4)
 
     with pytest.raises(Exception) as e:  # Hydra wraps the loader's CfxError
         instantiate(compose_robust(compose, [f"robust_model.path={tmp / 'nope.pt'}"]).robust_model)
