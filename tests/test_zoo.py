@@ -30,6 +30,37 @@ def test_biased_classifier_learnt_the_background_shortcut():
     assert q["accuracy_bg_conflict"] <= clean["accuracy_bg_conflict"] - 0.25
 
 
+def test_robust_classifier_is_robust_and_its_gradients_point_at_the_shape():
+    """PGD-trained (L2, ε = 0.5 in [0, 1] units): accuracy under a 20-step PGD attack of that budget
+    far above the plain classifier's (measured 1.00 vs 0.57), and input gradients better aligned with
+    the ideal shape change (cosine of −∇CE(other shape) with x_ideal − x: measured 0.35 vs 0.14)."""
+    attack = {"norm": "l2", "eps": 0.5}
+    plain = supervised.evaluate_classifier(zoo_model(ZOO_DIR / "synthetic_shape", "classification"), WORLD, 300, SEED,
+                                           attack=attack)
+    robust = supervised.evaluate_classifier(zoo_model(ZOO_DIR / "synthetic_shape_robust", "classification"), WORLD,
+                                            300, SEED, attack=attack)
+    assert robust["accuracy"] >= 0.98
+    assert robust["robust_accuracy_l2_0.5"] >= 0.9 and robust["robust_accuracy_l2_0.5"] >= plain[
+        "robust_accuracy_l2_0.5"] + 0.25
+    assert robust["gradient_alignment"] >= 2 * plain["gradient_alignment"]
+
+
+def test_pgd_attack_stays_in_its_ball_and_the_image_range():
+    from cfx_cli.train.adversarial import pgd_attack
+
+    model = zoo_model(ZOO_DIR / "synthetic_shape", "classification")
+    f = WORLD.factors_for_indices("test", range(16), SEED)
+    x, y = WORLD.render(f), torch.as_tensor(f["shape"]).long()
+    for norm, eps in (("l2", 0.5), ("linf", 4 / 255)):
+        x_adv = pgd_attack(model, x, y, norm, eps, steps=5, generator=torch.Generator().manual_seed(0))
+        d = (x_adv - x) / 2  # in [0, 1] units
+        size = d.flatten(1).norm(dim=1) if norm == "l2" else d.flatten(1).abs().amax(1)
+        assert (size <= eps + 1e-5).all() and x_adv.min() >= -1 and x_adv.max() <= 1
+        with torch.no_grad():  # and it is an attack: the loss goes up
+            ce = torch.nn.functional.cross_entropy
+            assert ce(model(x_adv), y) > ce(model(x), y)
+
+
 def test_size_regressor_mae():
     q = supervised.evaluate_regressor(zoo_model(ZOO_DIR / "synthetic_size", "regression"), WORLD, 1000, SEED)
     assert q["mae"] <= 0.03  # labels are normalised: 0.03 of the size range
