@@ -131,7 +131,8 @@ def _choice(cfg: DictConfig, group: str):
 
 def summary(cfg: DictConfig) -> str:
     """``method=fastdime dataset=synthetic ...``: the choices of the config groups."""
-    parts = [f"{g}={n}" for g in ("method", "dataset", "classifier", "regressor", "diffusion", "sampler", "metrics")
+    parts = [f"{g}={n}" for g in ("method", "dataset", "classifier", "regressor", "robust_model", "diffusion", "sampler",
+                                  "metrics")
              if (n := _choice(cfg, g))]
     try:
         parts.append(f"target={cfg.target.mode}")

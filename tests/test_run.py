@@ -152,6 +152,17 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     ("dataset.image_size=64", "dataset.image_size=64 but the diffusion model makes 32×32 images"),
     ("batch_size=0", "batch_size=0 must be at least 1"),
     ("target=class target.value=5", "target.value=5 is not a class of this classifier"),
+    ("method=ace method.tau=51", "method.tau=51 must lie in 1..50"),
+    ("method=ace sampler=ddim", "method=ace filters with stochastic DDPM steps"),
+    ("method=ace method.iterations=0", "method.iterations=0 must be at least 1"),
+    ("method=ace method.step=nan", "method.step=nan must be a finite number"),
+    ("method=ace method.success_on=pe", "method.success_on='pe' is unknown"),
+    ("method=dvce method.start=50", "method.start=50 is outside the sampler's grid 0..49"),
+    ("method=dvce method.cone_angle=90", "method.cone_angle=90 must lie in (0, 90) degrees"),
+    ("method=dvce ~robust_model", "method.cone_angle is set but there is no robust model"),
+    ("method=dvce method.augmentations=0", "method.augmentations=0 must be at least 1"),
+    ("method=dvce method.cone_inside=both", "method.cone_inside='both' is unknown"),
+    ("method=dvce method.lambda_c=inf", "method.lambda_c=inf must be a finite number"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, compose, override, needle):
     """In-process: the error a user sees is one line naming the key, the value and the fix."""
