@@ -7,7 +7,7 @@ set -euo pipefail
 out=${1:-outputs/report}
 shift || true
 cfx run -m experiment=synthetic_table hydra.sweeper.params.method=dime,ace,dvce hydra.sweep.dir="$out/table" "$@"
-cfx run -m experiment=synthetic_table hydra.sweeper.params.method=dvce method.cone_angle=null \
+cfx run -m experiment=synthetic_table hydra.sweeper.params.method=dvce method=dvce method.cone_angle=null \
     hydra.sweep.dir="$out/dvce_nocone" "$@"
 cfx run -m experiment=synthetic_table hydra.sweeper.params.method=ace hydra.sweeper.params.classifier=synthetic_shape_robust \
     hydra.sweep.dir="$out/ace_robust" "$@"
