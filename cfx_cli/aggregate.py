@@ -48,7 +48,16 @@ def find_jobs(paths: list[str]) -> list[Path]:
 
 
 def job_record(job: Path) -> dict:
-    """Config choices and values of one job, its state and its metrics."""
+    """Config choices and values of one job, its state and its metrics; a folder whose files cannot be
+    read (a truncated status.json, a garbage CSV, broken YAML) is an ``unreadable`` record naming why."""
+    try:
+        return _job_record(job)
+    except Exception as e:  # noqa: BLE001 - any parse error of any file: list the folder, table the rest
+        return {"job": str(job), "state": "unreadable", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                "metrics": {}, "task": None, "method": None, "model": None}
+
+
+def _job_record(job: Path) -> dict:
     rec: dict = {"job": str(job)}
     cfg_file, hydra_file = job / ".hydra" / "config.yaml", job / ".hydra" / "hydra.yaml"
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
@@ -85,6 +94,9 @@ def merge_shards(records: list[dict]) -> list[dict]:
     for rs in groups.values():
         expected = _int(rs[0].get("data.num_shards"), 1)
         if expected <= 1:
+            for r in rs:  # a finished job without metrics is never averaged as if it had none
+                if r["state"] == "done" and not r["metrics"]:
+                    r["state"], r["error"] = "incomplete", "state done but metrics.csv is missing or empty"
             merged.extend(rs)
             continue
         r = dict(rs[0], job=",".join(x["job"] for x in rs))
@@ -245,20 +257,22 @@ def table(records: list[dict], by: list[str], metrics: list[str]) -> pd.DataFram
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
         row["n_jobs"] = len(g)
-        for m in present:
+        for m in present:  # (mean, std, how many jobs have the metric, n_jobs): a NaN is not a zero
             vals = g[m].dropna().astype(float)
-            row[m] = (vals.mean(), vals.std(ddof=1) if len(vals) > 1 else np.nan)
+            row[m] = (vals.mean() if len(vals) else np.nan, vals.std(ddof=1) if len(vals) > 1 else np.nan,
+                      len(vals), len(g))
         out.append(row)
     return pd.DataFrame(out)
 
 
 def _fmt(v) -> str:
     if isinstance(v, tuple):
-        mean, std = v
+        mean, std, count, n = v
         if np.isnan(mean):
-            return ""
+            return f"(0 of {n} jobs)" if n else ""
         digits = 1 if abs(mean) >= 100 else 3
-        return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+        cell = f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return cell if count == n else f"{cell} ({count} of {n} jobs)"  # say when some jobs lack it
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return ""
     return str(v)
@@ -272,6 +286,8 @@ def render(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         if len(df) and isinstance(df[c].iloc[0], tuple):
             numeric[f"{c}_mean"] = [v[0] for v in df[c]]
             numeric[f"{c}_std"] = [v[1] for v in df[c]]
+            if any(v[2] != v[3] for v in df[c]):  # the count, where some jobs lack the metric
+                numeric[f"{c}_n"] = [v[2] for v in df[c]]
         else:
             numeric[c] = list(df[c])
     return text, pd.DataFrame(numeric)
@@ -301,11 +317,18 @@ def to_latex(text: pd.DataFrame, numeric_cols: set[str] = frozenset()) -> str:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """The CLI: exit 1 (with the count on the last line) when some jobs are not in the table, so that a
+    script notices; 2 on a usage error."""
     try:
-        return aggregate(argv)
+        df = aggregate(argv)
     except CfxError as e:
         print(f"cfx: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if df.attrs.get("not_included"):
+        print(f"cfx aggregate: {df.attrs['not_included']} of {df.attrs['jobs']} job(s) not in the table (listed above)",
+              file=sys.stderr)
+        raise SystemExit(1)
+    return df
 
 
 def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
@@ -343,8 +366,10 @@ def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
     print(md)
     problems = [r for r in records if r["state"] != "done"]
     if problems:
-        print(f"\n{len(problems)} job(s) not included (missing or failed):")
+        print(f"\n{len(problems)} job(s) not included (missing, failed, incomplete or interrupted):")
         for r in problems:
             print(f"  {r['state']:8s} {r['job']}" + (f"  ({r['error']})" if r.get("error") else ""))
     print(f"\nwrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.tex'}")
+    df.attrs["not_included"] = len(problems)
+    df.attrs["jobs"] = len(records)
     return df

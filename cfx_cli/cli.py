@@ -13,7 +13,8 @@ USAGE = """usage: cfx <command> [args]
 commands:
   run        [-m] [overrides...]        explain images; one job folder per run (Hydra app: --help, --cfg job)
   train      WHAT [overrides...]        reproduce a shipped model (synthetic_ddpm, synthetic_shape,
-                                        synthetic_shape_biased, synthetic_size, synthetic_oracle)
+                                        synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
+                                        synthetic_oracle)
   aggregate  PATH... [--by KEY...]      job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
   doctor     [overrides...]             before a long job: every file it needs, and whether each part loads
                                         (alias: check; same config and overrides as run; exit 1 on a problem)
@@ -30,7 +31,8 @@ TRAIN_USAGE = """usage: cfx train WHAT [overrides...]
 
 Reproduce a shipped model of the synthetic benchmark and write it to the zoo (cfx_cli/zoo/WHAT).
 
-WHAT: synthetic_ddpm, synthetic_shape, synthetic_shape_biased, synthetic_size, synthetic_oracle
+WHAT: synthetic_ddpm, synthetic_shape, synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
+      synthetic_oracle
       (settings in conf/trainable/WHAT.yaml; each shipped model records its command)
 
 overrides: device=cpu|cuda  threads=N  seed=N  out=FOLDER  work_dir=FOLDER (checkpoints: a killed run
@@ -66,10 +68,17 @@ def _run_task(cfg):
 
     from cfx_cli.run import headline, job
 
+    from cfx_cli.errors import Interrupted
+
     hc = HydraConfig.get()
     job_dir = hc.runtime.output_dir
     try:
         metrics = job(cfg, job_dir)
+    except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback; the sweep stops too
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"cfx: interrupted ({name}): {job_dir} is marked interrupted; re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(143 if name == "SIGTERM" else 130)
     except Exception as e:
         msg = _user_error(e)
         if msg is None:
@@ -111,14 +120,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
+        from cfx_cli.sweep import report_sweep
+
         _hydra("cfx run", "config", rest, _run_task)
+        report_sweep()
     elif cmd == "train":
         if rest and rest[0] in ("-h", "--help"):
             print(TRAIN_USAGE)
             return
         if not rest or "=" in rest[0] or rest[0].startswith("-"):
-            print("cfx: error: cfx train needs WHAT: one of synthetic_ddpm, synthetic_shape, "
-                  "synthetic_shape_biased, synthetic_size, synthetic_oracle", file=sys.stderr)
+            from cfx_cli import CONF_DIR
+
+            whats = ", ".join(sorted(p.stem for p in (CONF_DIR / "trainable").glob("*.yaml")))
+            print(f"cfx: error: cfx train needs WHAT: one of {whats}", file=sys.stderr)
             sys.exit(2)
         _hydra("cfx train", "train", [f"trainable={rest[0]}", *rest[1:]], _train_task)
     elif cmd in ("doctor", "check"):

@@ -3,3 +3,12 @@
 
 class CfxError(Exception):
     """A user-facing error: the message names the key, the value and the fix."""
+
+
+class Interrupted(Exception):
+    """The job was stopped from outside (SIGTERM: a SLURM time limit or pre-emption; SIGINT: Ctrl-C).
+    The job folder records ``interrupted``; re-running the same command resumes it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -59,6 +60,51 @@ def _copy_yaml(src: Path, dst: Path):
         dst.mkdir(parents=True, exist_ok=True)
         for f in src.glob("*.yaml"):
             _atomic_write_bytes(dst / f.name, lambda p, b=f.read_bytes(): Path(p).write_bytes(b))
+
+
+class JobLock:
+    """One live process per job folder: an exclusive POSIX lock (``fcntl.lockf``, which also holds on
+    NFS with a lock daemon) on ``<job>/.cfx/lock``. The operating system drops it when its holder exits
+    or is killed, so a dead job never leaves the folder stuck; the file names the holder (host, pid,
+    start) for the refusal message. Where ``fcntl`` does not exist (Windows) no lock is taken."""
+
+    def __init__(self, job_dir: str | Path):
+        self.path = Path(job_dir) / ".cfx" / "lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        from cfx_cli.errors import CfxError
+
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CfxError(f"hydra.run.dir={self.path.parent.parent} is in use by {holder}: one job folder takes one "
+                           f"process; wait for it to end (or stop it) and re-run to resume, or choose another "
+                           f"hydra.run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%S')})\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+    def __enter__(self) -> "JobLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class JobWriter:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from cfx_cli.errors import CfxError
+from cfx_cli.errors import CfxError, Interrupted
 from cfx_cli.methods.base import SampleRNG
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.models.counting import CostMeter, Counted
 from cfx_cli.metrics.sample import OracleMetrics, distances
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.objectives import build_objective
-from cfx_cli.outputs import JobWriter, diff_image, flatten_config, read_samples
+from cfx_cli.outputs import JobLock, JobWriter, diff_image, flatten_config, read_samples
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,9 +175,45 @@ def check_resume(writer: JobWriter, config: dict) -> None:
                    f"re-run with the same overrides to resume, or choose a new hydra.run.dir")
 
 
+@contextmanager
+def signals_as_interrupts():
+    """SIGTERM (SLURM's time limit and pre-emption) and SIGINT (Ctrl-C) raise ``Interrupted`` inside
+    the job, so that it records ``interrupted`` and stops cleanly; the previous handlers come back after.
+    (Only the main thread can set handlers; elsewhere the signals keep their defaults.)"""
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
 def job(cfg: DictConfig, job_dir: str | Path) -> dict:
-    """Run (or resume) one job into ``job_dir``; returns its set-level metrics."""
+    """Run (or resume) one job into ``job_dir``, owning the folder for its lifetime (one process per
+    job folder); returns its set-level metrics."""
     writer = JobWriter(job_dir)
+    lock = JobLock(job_dir)
+    try:
+        lock.acquire()
+    except CfxError:
+        writer.restore_hydra()  # this refused process's Hydra rewrote .hydra/: put back the holder's
+        raise
+    try:
+        with signals_as_interrupts():
+            return _job(cfg, writer)
+    finally:
+        lock.release()
+
+
+def _job(cfg: DictConfig, writer: JobWriter) -> dict:
     config = result_config(cfg)
     check_resume(writer, config)
     writer.start()
@@ -251,7 +289,11 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
         if bar is not None:  # wipe the bar's line so that the error line stands alone
             bar.leave = False
             bar.close()
-        writer.status(state="failed", error=f"{type(e).__name__}: {e}".strip()[:2000])
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            writer.status(state="interrupted", error=f"stopped by {getattr(e, 'signal_name', 'SIGINT')}; re-run the "
+                                                     f"same command to resume")
+        else:
+            writer.status(state="failed", error=f"{type(e).__name__}: {e}".strip()[:2000])
         raise
 
 

@@ -42,7 +42,7 @@ def make_job(folder, *, method="dime", seed=0, shard=0, num_shards=1, state="don
 
 
 def run(capsys, *argv):
-    df = aggregate.main([str(a) for a in argv])
+    df = aggregate.aggregate([str(a) for a in argv])
     cap = capsys.readouterr()
     return df, cap.out, cap.err
 
@@ -194,3 +194,42 @@ def test_mae_to_target_before_is_a_default_metric(tmp_path, capsys):
     cols = list(table.columns)
     assert cols.index("mae_to_target_before_mean") == cols.index("mae_to_target_std") + 1
     assert table.loc[0, "mae_to_target_before_mean"] == pytest.approx(0.3)
+
+
+# --------------------------------------------------------------------------- counting, unreadable folders
+def test_a_metric_missing_in_some_jobs_says_over_how_many(tmp_path, capsys):
+    """A NaN metric in one of two jobs is averaged over one, and the cell says so; a done job without
+    metrics.csv is listed as incomplete, not counted as a job with no metrics."""
+    make_job(tmp_path / "a", seed=0, metrics={"flip_rate": 1.0, "mnac": 0.5})
+    make_job(tmp_path / "b", seed=1, metrics={"flip_rate": 0.5, "mnac": float("nan")})
+    make_job(tmp_path / "c", seed=2)  # done, no metrics.csv
+    df, out, _ = run(capsys, tmp_path, "--metrics", "flip_rate", "mnac")
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert list(table["n_jobs"]) == [2]
+    assert table.loc[0, "flip_rate_mean"] == 0.75 and "flip_rate_n" not in table  # both jobs have it
+    assert table.loc[0, "mnac_mean"] == 0.5 and table.loc[0, "mnac_n"] == 1
+    assert "0.500 (1 of 2 jobs)" in out and "0.750 ± 0.354 |" in out
+    assert re.search(r"incomplete .*/c  \(state done but metrics.csv is missing or empty\)", out)
+
+
+def test_unreadable_job_folders_are_listed_and_the_rest_tabled(tmp_path, capsys):
+    make_job(tmp_path / "good", metrics={"flip_rate": 1.0})
+    make_job(tmp_path / "torn", metrics={"flip_rate": 0.0})
+    (tmp_path / "torn" / "status.json").write_text('{"state": "do')  # a truncated status.json
+    make_job(tmp_path / "garbage", seed=1)
+    (tmp_path / "garbage" / "metrics.csv").write_bytes(b"\x00\xff\x00 not a csv")
+    df, out, _ = run(capsys, tmp_path, "--metrics", "flip_rate")
+    assert list(pd.read_csv(tmp_path / "table.csv")["n_jobs"]) == [1]
+    assert re.search(r"unreadable .*/torn  \(JSONDecodeError", out)
+    assert re.search(r"unreadable .*/garbage  \(", out)
+
+
+def test_exit_code_says_whether_every_job_is_in_the_table(tmp_path, capsys):
+    make_job(tmp_path / "a", metrics={"flip_rate": 1.0})
+    assert aggregate.main([str(tmp_path)]).attrs["not_included"] == 0  # exit 0
+    make_job(tmp_path / "b", seed=1, state="failed", error="boom")
+    with pytest.raises(SystemExit) as exc:
+        aggregate.main([str(tmp_path)])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "cfx aggregate: 1 of 2 job(s) not in the table (listed above)"

@@ -29,9 +29,15 @@ def test_joblib_sweep_and_aggregate(tmp_path):
 
 def test_submitit_local_sweep_lists_failed_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    cfx("run", "-m", "method=fastdime", "method.variant=mask,bogus", "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=10", *TINY, f"hydra.sweep.dir={sweep}")
-    out = cfx("aggregate", str(sweep), "--by", "method", "method.variant", "--out", str(tmp_path / "tables")).stdout
+    proc = cfx("run", "-m", "method=fastdime", "method.variant=mask,bogus", "hydra/launcher=submitit_local",
+               "hydra.launcher.timeout_min=10", *TINY, f"hydra.sweep.dir={sweep}", check=False)
+    # the sweep runs every job, then says (last line, exit 1) that one failed, so that a script notices
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"cfx run: 1 of 2 jobs of the sweep {sweep} did not finish")
+    agg = cfx("aggregate", str(sweep), "--by", "method", "method.variant", "--out", str(tmp_path / "tables"),
+              check=False)
+    out = agg.stdout
+    assert agg.returncode == 1 and agg.stderr.strip().endswith("1 of 2 job(s) not in the table (listed above)")
     assert "1 job(s) not included" in out and "failed" in out and "method.variant='bogus' is unknown" in out
     table = pd.read_csv(tmp_path / "tables" / "table.csv")
     assert list(table["method.variant"]) == ["mask"]
