@@ -151,11 +151,12 @@ class JobWriter:
 
     # ------------------------------------------------------------------ write
     def add(self, rows: list[dict], images: dict[str, Tensor]):
-        """Write one batch: ``images[kind]`` is N×C×H×W ([-1, 1], or N×1×H×W maps in [0, 1])."""
-        for i, row in enumerate(rows):
-            for kind, batch in images.items():
-                folder = self.dir / "images" / kind
-                folder.mkdir(parents=True, exist_ok=True)
+        """Write one batch: ``images[kind]`` is N×C×H×W ([-1, 1], or N×1×H×W maps in [0, 1]) for the
+        first N rows (rows after them, such as unreadable items, have no images)."""
+        for kind, batch in images.items():
+            folder = self.dir / "images" / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, row in enumerate(rows[:len(batch)]):
                 arr = map_to_uint8(batch[i]) if batch.shape[1] == 1 else to_uint8(batch[i])
                 _atomic_write_bytes(folder / f"{row['index']}.png",
                                     lambda p, a=arr: Image.fromarray(a).save(p, format="PNG"))
@@ -183,11 +184,15 @@ class JobWriter:
         """original | counterfactual | diff for the first samples, 4× enlarged for a human eye."""
         if not self.samples_path.exists():
             return None
-        rows = read_samples(self.dir).sort_values("index").head(max_rows)
         tiles = []
-        for idx in rows["index"].astype(int):
-            imgs = [np.asarray(Image.open(self.dir / "images" / k / f"{idx}.png").convert("RGB")) for k in IMAGE_KINDS]
+        for idx in read_samples(self.dir).sort_values("index")["index"].astype(int):
+            paths = [self.dir / "images" / k / f"{idx}.png" for k in IMAGE_KINDS]
+            if not all(p.exists() for p in paths):  # an unreadable item has no images
+                continue
+            imgs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
             tiles.append(np.concatenate(imgs, axis=1))
+            if len(tiles) == max_rows:
+                break
         if not tiles:
             return None
         grid = np.concatenate(tiles, axis=0)

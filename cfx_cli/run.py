@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from cfx_cli.errors import CfxError, Interrupted
+from cfx_cli.errors import CfxError, Interrupted, UnreadableItem
 from cfx_cli.methods.base import SampleRNG
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.models.counting import CostMeter, Counted
@@ -117,6 +117,23 @@ def build(cfg: DictConfig, device: torch.device) -> dict:
             "diffusion": generative, "sampler": sampler, "method": method, "oracle": oracle, "meter": meter}
 
 
+def load_batch(dataset, chunk: list[int]):
+    """The chunk's batch, without the items that cannot be read, and a failed row for each of those
+    (its file and the reason): one bad image must not end a job."""
+    try:
+        return dataset.batch(chunk), []
+    except UnreadableItem:
+        pass
+    good, bad = [], []
+    for i in chunk:
+        try:
+            dataset.batch([i])
+            good.append(i)
+        except UnreadableItem as e:
+            bad.append({"index": i, "id": e.item, "success": False, "failed": True, "error": e.reason})
+    return (dataset.batch(good) if good else None), bad
+
+
 def _rows(batch, pred, target, cf_pred, success, result, failed, dist, oracle_vals, cost, seconds, peak_mib, task):
     rows = []
     for i, index in enumerate(batch["index"]):
@@ -130,7 +147,8 @@ def _rows(batch, pred, target, cf_pred, success, result, failed, dist, oracle_va
         for k, v in result.info.items():
             row[k] = v[i].item()
         row.update({k: int(v[i]) for k, v in cost.items()})
-        row.update(seconds=seconds, peak_mem_mib=round(peak_mib, 1))
+        row.update(seconds=seconds, peak_mem_mib=round(peak_mib, 1),
+                   error="the counterfactual is not finite (NaN or inf)" if bool(failed[i]) else "")
         rows.append(row)
     return rows
 
@@ -213,9 +231,28 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
         lock.release()
 
 
+class ResumeRefused(CfxError):
+    """A resume that must leave the job folder as it was (status.json included)."""
+
+
+def check_items(writer: JobWriter, dataset) -> None:
+    """Each done row must still name the same item: a folder dataset that gained or lost a file since
+    would otherwise explain one image twice and another never."""
+    done = read_samples(writer.dir) if writer.done_indices() else None
+    if done is None or "id" not in done or not hasattr(dataset, "ids"):
+        return
+    done = done[done["index"] < len(dataset)]
+    now = dataset.ids(done["index"].astype(int).tolist())
+    for (index, was), is_ in zip(zip(done["index"], done["id"].astype(str)), now):
+        if was != str(is_):
+            raise ResumeRefused(f"hydra.run.dir={writer.dir}: its sample {index} was made from {was!r}, which is now "
+                                f"{is_!r} (the dataset changed since): re-run into a new hydra.run.dir")
+
+
 def _job(cfg: DictConfig, writer: JobWriter) -> dict:
     config = result_config(cfg)
     check_resume(writer, config)
+    previous_status = writer.read_status()
     writer.start()
     writer.snapshot_hydra()
     started = time.time()
@@ -236,6 +273,7 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
             raise CfxError(f"the dataset has no images (dataset.num_images={cfg.dataset.get('num_images')}): "
                            f"ask for at least one")
         indices = shard_indices(len(dataset), cfg.data.shard, cfg.data.num_shards)
+        check_items(writer, dataset)
         done = writer.done_indices()
         todo = [i for i in indices if i not in done]
         writer.status(total=len(indices), resumed_from=len(done & set(indices)), task=task)
@@ -243,8 +281,14 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         # delay: an error in the first batch (a bad target, say) prints its line without a bar before it
         bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.method.name}", unit="cf",
                    delay=1.0)
+        pending = []  # rows of unreadable items: written beside the next readable batch (same columns)
         for start in range(0, len(todo), bs):
-            batch = dataset.batch(todo[start:start + bs])
+            chunk = todo[start:start + bs]
+            batch, unreadable = load_batch(dataset, chunk)
+            pending += unreadable
+            if batch is None:  # every item of the chunk unreadable
+                bar.update(len(chunk))
+                continue
             x = batch["x"].to(device)
             t0 = time.time()
             with PeakMemory(device) as peak:
@@ -273,9 +317,13 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
             images = {"original": x, "counterfactual": x_cf,
                       "diff": torch.stack([diff_image(a, b) for a, b in zip(x, x_cf)])}
             images.update({k: v for k, v in result.extras.items()})
+            rows += [{**dict.fromkeys(rows[0]), **r} for r in pending]
             writer.add(rows, images)
-            bar.update(len(x))
-            writer.status(written=len(indices) - len(todo) + start + len(x))
+            bar.update(len(chunk))
+            writer.status(written=len(indices) - len(todo) + start + len(chunk))
+            pending = []
+        if pending:  # the last chunks were all unreadable
+            writer.add(pending, {})
         bar.close()
         samples = read_samples(writer.dir)
         samples = samples[samples["index"].isin(indices)]
@@ -289,7 +337,12 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         if bar is not None:  # wipe the bar's line so that the error line stands alone
             bar.leave = False
             bar.close()
-        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+        if isinstance(e, ResumeRefused):  # leave the folder as the last accepted run left it
+            from cfx_cli.outputs import write_json
+
+            write_json(writer.status_path, previous_status)
+            writer.restore_hydra()
+        elif isinstance(e, (Interrupted, KeyboardInterrupt)):
             writer.status(state="interrupted", error=f"stopped by {getattr(e, 'signal_name', 'SIGINT')}; re-run the "
                                                      f"same command to resume")
         else:

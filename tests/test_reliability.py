@@ -74,3 +74,79 @@ def test_one_process_per_job_folder_sigterm_and_sigkill(tmp_path):
     s = pd.read_csv(job_dir / "samples.csv")
     assert sorted(s["index"]) == list(range(8))
     assert state(job_dir)["state"] == "done"
+
+
+def write_folder(root, n=4):
+    """n 32×32 synthetic renders as PNGs under root/<shape>/."""
+    from PIL import Image
+
+    from cfx_cli.data.synthetic import SyntheticWorld
+    from cfx_cli.outputs import to_uint8
+
+    world = SyntheticWorld()
+    f = world.factors_for_indices("test", range(n), 0)
+    for i, x in enumerate(world.render(f)):
+        d = root / world.shapes[int(f["shape"][i])]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(to_uint8(x)).save(d / f"img{i}.png")
+
+
+def folder_job(compose, root, *more):
+    return compose(["debug=fast", "device=cpu", "dataset=folder", f"dataset.root={root}", *more])
+
+
+def test_unreadable_items_fail_alone_and_the_job_goes_on(tmp_path, compose):
+    from cfx_cli.run import job
+
+    root = tmp_path / "data"
+    write_folder(root)
+    (root / "circle").mkdir(exist_ok=True)
+    (root / "circle" / "truncated.png").write_bytes(next(root.rglob("img*.png")).read_bytes()[:60])
+    (root / "square" / "notes.png").write_text("not an image")
+    (root / "square" / "folder.png").mkdir()  # a folder named like an image is no item
+    metrics = job(folder_job(compose, root, "dataset.num_images=null", "batch_size=2"), tmp_path / "job")
+    s = pd.read_csv(tmp_path / "job" / "samples.csv").set_index("id")
+    assert len(s) == 6 and "square/folder.png" not in s.index
+    for bad in ("circle/truncated.png", "square/notes.png"):
+        assert bool(s.loc[bad, "failed"]) and not bool(s.loc[bad, "success"])
+        assert "UnidentifiedImageError" in s.loc[bad, "error"] or "OSError" in s.loc[bad, "error"]
+    good = s.drop(index=["circle/truncated.png", "square/notes.png"])
+    assert not good["failed"].astype(bool).any() and good["cf_pred"].notna().all()
+    assert metrics["num_failed"] == 2 and metrics["num_samples"] == 6
+    assert state(tmp_path / "job")["state"] == "done"
+
+
+def test_resume_refuses_a_folder_dataset_that_changed(tmp_path, compose):
+    from cfx_cli.cli import _user_error
+    from cfx_cli.run import job
+
+    root = tmp_path / "data"
+    write_folder(root)
+    job(folder_job(compose, root, "dataset.num_images=2"), tmp_path / "job")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "job").iterdir() if p.is_file()}
+    (root / "circle").mkdir(exist_ok=True)
+    (root / "circle" / "a_new_first_image.png").write_bytes(next(root.rglob("img*.png")).read_bytes())
+    try:
+        job(folder_job(compose, root, "dataset.num_images=3"), tmp_path / "job")  # more images: a resume
+        raise AssertionError("resumed over a changed dataset")
+    except Exception as e:  # noqa: BLE001
+        msg = _user_error(e)
+    assert msg and "\n" not in msg and "the dataset changed since" in msg and "a_new_first_image.png" in msg
+    after = {p.name: p.read_bytes() for p in (tmp_path / "job").iterdir() if p.is_file()}
+    assert after == before  # nothing in the folder changed, status.json included
+
+
+def test_folder_num_images_zero_and_unknown_keys_are_refused(tmp_path, compose):
+    from hydra.utils import instantiate
+
+    from cfx_cli.errors import CfxError
+
+    write_folder(tmp_path)
+    for bad, needle in ((["dataset.num_images=0"], "dataset.num_images=0 must be a positive integer"),
+                        (["+dataset.labels=x.csv"], "labels")):
+        try:
+            instantiate(folder_job(compose, tmp_path, *bad).dataset)
+            raise AssertionError(f"accepted {bad}")
+        except Exception as e:  # noqa: BLE001  (Hydra wraps constructor errors)
+            text = str(e.__cause__ or e) if not isinstance(e, CfxError) else str(e)
+            assert needle in text, text

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cfx_cli.errors import CfxError
+from cfx_cli.errors import CfxError, UnreadableItem
 
 ATTRIBUTE_NAMES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
@@ -290,9 +290,14 @@ class CelebADataset:
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except (OSError, ValueError) as e:
-            raise CfxError(f"dataset.root={self.root}: cannot read image {path} ({type(e).__name__}); "
-                           f"is img_align_celeba/ complete?") from None
+            raise UnreadableItem(str(path), f"{type(e).__name__}: {e}",
+                                 f"dataset.root={self.root}: cannot read image {path} ({type(e).__name__}); "
+                                 f"is img_align_celeba/ complete?") from None
         return to_tensor(resize_center_crop(img, self.image_size))
+
+    def ids(self, indices) -> list[str]:
+        """The items' ids without loading them (a resumed job checks that its done rows still match)."""
+        return [self.files[int(i)] for i in indices]
 
     def batch(self, indices) -> dict:
         indices = [int(i) for i in indices]

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cfx_cli.errors import CfxError
+from cfx_cli.errors import CfxError, UnreadableItem
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -15,12 +15,15 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 class FolderDataset:
     has_factors = False
 
-    def __init__(self, root: str, image_size: int = 32, num_images: int | None = None, **_):
+    def __init__(self, root: str, image_size: int = 32, num_images: int | None = None, name: str = "folder"):
+        if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int)
+                                       or num_images < 1):
+            raise CfxError(f"dataset.num_images={num_images} must be a positive integer, or null for every image")
         self.root = Path(root)
         if not self.root.is_dir():
             raise CfxError(f"dataset.root={root} is not a folder: point it to a folder of images "
                            f"(e.g. dataset.root=/data/my_images)")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS)
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
         if not files:
             raise CfxError(f"dataset.root={root} holds no images ({', '.join(sorted(EXTENSIONS))})")
         self.files = files[:num_images] if num_images else files
@@ -31,11 +34,19 @@ class FolderDataset:
         return len(self.files)
 
     def _load(self, path: Path) -> torch.Tensor:
-        img = Image.open(path).convert("RGB")
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, ...
+            raise UnreadableItem(str(path.relative_to(self.root)), f"{type(e).__name__}: {e}") from None
         s = min(img.size)  # centre crop, then resize
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s)).resize((self.image_size,) * 2, Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+
+    def ids(self, indices) -> list[str]:
+        """The items' ids without loading them (a resumed job checks that its done rows still match)."""
+        return [str(self.files[int(i)].relative_to(self.root)) for i in indices]
 
     def batch(self, indices) -> dict:
         files = [self.files[i] for i in indices]

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from cfx_cli.data.celeba import to_tensor
-from cfx_cli.errors import CfxError
+from cfx_cli.errors import CfxError, UnreadableItem
 
 CLASSES_FILE = Path(__file__).with_name("imagenet_classes.tsv")
 EXTENSIONS = {".jpeg", ".jpg", ".png"}
@@ -265,8 +265,13 @@ class ImageNetDataset:
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except (OSError, ValueError) as e:
-            raise CfxError(f"dataset.root={self.root}: cannot read image {path} ({type(e).__name__})") from None
+            raise UnreadableItem(str(path), f"{type(e).__name__}: {e}",
+                                 f"dataset.root={self.root}: cannot read image {path} ({type(e).__name__})") from None
         return to_tensor(resize_center_crop(img, self.image_size, self.crop_fraction, self.interpolation))
+
+    def ids(self, indices) -> list[str]:
+        """The items' ids without loading them (a resumed job checks that its done rows still match)."""
+        return [self.files[int(i)].name for i in indices]
 
     def batch(self, indices) -> dict:
         indices = [int(i) for i in indices]

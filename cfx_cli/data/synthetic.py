@@ -173,6 +173,9 @@ class SyntheticDataset:
     def __len__(self):
         return self.num_images
 
+    def ids(self, indices) -> list[str]:
+        return [f"{self.split}_{int(i)}" for i in indices]
+
     def batch(self, indices) -> dict:
         f = self.world.factors_for_indices(self.split, indices, self.seed)
         return {"index": list(indices), "id": [f"{self.split}_{i}" for i in indices], "x": self.world.render(f),
