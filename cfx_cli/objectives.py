@@ -8,6 +8,7 @@ regression through this object.
 from __future__ import annotations
 
 import csv
+import math
 import re
 from pathlib import Path
 
@@ -190,6 +191,11 @@ class RegressionObjective:
             raise CfxError(f"target.mode={mode!r} is not a regression target; use absolute, shift or auto")
         if mode in ("absolute", "shift") and value is None:
             raise CfxError(f"target.mode={mode} needs target.value=<number>")
+        for key, v in (("value", value), ("tolerance", tolerance), *zip(("auto_values",) * 2, auto_values)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise CfxError(f"target.{key}={v} must be a finite number")
+        if not float(tolerance) > 0:
+            raise CfxError(f"target.tolerance={tolerance} must be positive (success: |y - y*| <= tolerance)")
         self.mode, self.value, self.tolerance = mode, value, float(tolerance)
         self.low, self.high = (float(v) for v in auto_values)
         self.clamp = clamp

@@ -150,3 +150,18 @@ def test_folder_num_images_zero_and_unknown_keys_are_refused(tmp_path, compose):
         except Exception as e:  # noqa: BLE001  (Hydra wraps constructor errors)
             text = str(e.__cause__ or e) if not isinstance(e, CfxError) else str(e)
             assert needle in text, text
+
+
+def test_train_never_records_a_device_it_did_not_use(compose):
+    """`cfx train ... device=cuda` used to train on the CPU and record device=cuda in the model's command."""
+    from cfx_cli.errors import CfxError
+    from cfx_cli.train.main import train
+
+    for overrides, needles in ((["trainable=synthetic_shape", "device=cuda"], ("no CUDA device", "trains on the CPU")),
+                               (["trainable=synthetic_ddpm", "device=mps"], ("not a training device",))):
+        cfg = compose([*overrides, "out=/nonexistent/never_written"], config_name="train")
+        try:
+            train(cfg)
+            raise AssertionError(f"trained with {overrides}")
+        except CfxError as e:
+            assert any(n in str(e) for n in needles) and "\n" not in str(e), str(e)

@@ -152,6 +152,8 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     ("dataset.image_size=64", "dataset.image_size=64 but the diffusion model makes 32×32 images"),
     ("batch_size=0", "batch_size=0 must be at least 1"),
     ("target=class target.value=5", "target.value=5 is not a class of this classifier"),
+    ("regressor=synthetic_size target=absolute target.value=nan", "target.value=nan must be a finite number"),
+    ("regressor=synthetic_size target.tolerance=0", "target.tolerance=0 must be positive"),
     ("method=ace method.tau=51", "method.tau=51 must lie in 1..50"),
     ("method=ace sampler=ddim", "method=ace filters with stochastic DDPM steps"),
     ("method=ace method.iterations=0", "method.iterations=0 must be at least 1"),

@@ -35,8 +35,22 @@ def command_line() -> str:
     return " ".join(["cfx train", what[0].split("=", 1)[1] if what else "?", *overrides])
 
 
+def check_device(cfg: DictConfig) -> None:
+    """The device a model is trained on is the one its reproduction command records: never another."""
+    device, kind = str(cfg.device), cfg.trainable.kind
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CfxError(f"device={device} but no CUDA device is visible (torch.cuda.is_available() is False); "
+                       f"use device=cpu")
+    if kind != "ddpm" and device != "cpu":
+        raise CfxError(f"device={device}: cfx train {cfg.trainable.name} trains on the CPU (a small {kind}, "
+                       f"minutes); drop device= or use device=cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise CfxError(f"device={device!r} is not a training device; use cpu or cuda")
+
+
 def train(cfg: DictConfig) -> dict:
     t = cfg.trainable
+    check_device(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     world = world_from(cfg)
