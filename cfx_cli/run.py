@@ -24,16 +24,40 @@ from cfx_cli.objectives import build_objective
 from cfx_cli.outputs import JobLock, JobWriter, diff_image, flatten_config, read_samples
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name) -> torch.device:
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CfxError(f"device={name} but no CUDA device is visible (torch.cuda.is_available() is False); "
                        f"use device=auto or device=cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise CfxError(f"device={name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CfxError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                       f"use device=cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (torch.backends.mps.is_available()):
+        raise CfxError(f"device={name} but MPS (Apple GPU) is not available here; use device=auto or device=cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CfxError(f"device={name!r} cannot run a job (it holds no data); use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def int_key(cfg: DictConfig, key: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer config value, or one line naming the key, the value and what it must be."""
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if ok and maximum is not None and value > maximum:
+        ok = False
+    if not ok:
+        rng = (f" in {minimum}..{maximum}" if maximum is not None else f" of at least {minimum}") \
+            if minimum is not None else ""
+        raise CfxError(f"{key}={value!r} must be an integer{rng}")
+    return value
 
 
 def explained_model(cfg: DictConfig):
@@ -262,8 +286,11 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
     try:
         device = resolve_device(cfg.device)
         writer.status(device=str(device))
-        if int(cfg.batch_size) < 1:
+        if int_key(cfg, "batch_size") < 1:  # the historical message for the common mistake
             raise CfxError(f"batch_size={cfg.batch_size} must be at least 1")
+        int_key(cfg, "seed", 0, 2**32 - 1)  # numpy and torch seeds
+        int_key(cfg, "data.num_shards", 1)
+        int_key(cfg, "data.shard", 0)
         torch.manual_seed(cfg.seed)
         parts = build(cfg, device)
         dataset, model, objective, method = parts["dataset"], parts["model"], parts["objective"], parts["method"]
