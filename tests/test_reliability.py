@@ -165,3 +165,45 @@ def test_train_never_records_a_device_it_did_not_use(compose):
             raise AssertionError(f"trained with {overrides}")
         except CfxError as e:
             assert any(n in str(e) for n in needles) and "\n" not in str(e), str(e)
+
+
+def _damaged_copies(tmp_path):
+    """Copies of shipped models with one thing wrong each: override -> expected words of the one line."""
+    import shutil
+
+    from cfx_cli import ZOO_DIR
+
+    cases = {}
+    trunc = shutil.copytree(ZOO_DIR / "synthetic_shape", tmp_path / "truncated_clf")
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases[f"classifier.path={trunc}"] = "cannot load model.safetensors"
+    badjson = shutil.copytree(ZOO_DIR / "synthetic_shape", tmp_path / "badjson_clf")
+    (badjson / "config.json").write_text('{"arch": "small_cnn", ')
+    cases[f"classifier.path={badjson}"] = "config.json is not valid JSON"
+    cases[f"classifier.path={ZOO_DIR / 'synthetic_oracle'}"] = "is a factor_oracle"
+    cases[f"classifier.path={ZOO_DIR / 'synthetic_size'}"] = "is a regression model, not a classification one"
+    ddpm = shutil.copytree(ZOO_DIR / "synthetic_ddpm", tmp_path / "truncated_ddpm")
+    weights = next(ddpm.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cases[f"diffusion.path={ddpm}"] = "cannot load the UNet"
+    sched = shutil.copytree(ZOO_DIR / "synthetic_ddpm", tmp_path / "badsched_ddpm")
+    next(sched.rglob("scheduler_config.json")).write_text("[1, 2")
+    cases[f"diffusion.path={sched}"] = "is not valid JSON"
+    return cases
+
+
+def test_damaged_or_misplaced_model_files_are_one_line(tmp_path, compose):
+    from cfx_cli.cli import _user_error
+    from cfx_cli.run import job
+
+    for n, (override, needle) in enumerate(_damaged_copies(tmp_path).items()):
+        try:
+            job(compose(["debug=fast", "device=cpu", override]), tmp_path / f"job{n}")
+            raise AssertionError(f"ran with {override}")
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            msg = _user_error(e)
+        assert msg and "\n" not in msg and needle in msg, (override, msg)
+        assert override.split("=", 1)[1] in msg  # names the file or folder

@@ -57,6 +57,12 @@ def zoo_model(path: str, task: str, key: str = "classifier.path", name: str | No
     from cfx_cli.models.small_cnn import load_zoo_model
 
     net, info = load_zoo_model(path, key=key)
+    if info.get("arch") != "small_cnn":  # e.g. the factor oracle: its outputs are a dict of factors
+        raise CfxError(f"{key}={path} is a {info.get('arch')} (made by `{info.get('command', 'cfx train')}`), not a "
+                       f"{task} model: point {key} to a classifier or regressor")
+    if info.get("task") not in (None, task):
+        raise CfxError(f"{key}={path} is a {info['task']} model, not a {task} one: use it as "
+                       f"{'regressor' if info['task'] == 'regression' else 'classifier'}=... instead")
     num = info["kwargs"].get("num_outputs")
     return ExplainedModel(net, task, input_size=info.get("input_size"), num_classes=num if task == "classification"
                           else None, info=info)

@@ -105,10 +105,20 @@ def load_diffusers_ddpm(path: str | Path, variance: str = "fixed_small", clip_de
     if not (unet_dir / "config.json").exists() or sched_file is None:
         raise CfxError(f"{key}={path} is not a diffusers DDPM folder: it needs unet/config.json and "
                        f"scheduler/scheduler_config.json (as written by save_pretrained)")
-    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True,
-                                       low_cpu_mem_usage=False)
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True,
+                                           low_cpu_mem_usage=False)
+    except Exception as e:  # noqa: BLE001 - a broken config.json or a truncated weight file: name the folder
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CfxError(f"{key}={path}: cannot load the UNet from {unet_dir} ({type(e).__name__}: {first}); "
+                       f"its config.json or weights are damaged") from None
     unet.eval().requires_grad_(False)
-    sc = json.loads(sched_file.read_text())
+    try:
+        sc = json.loads(sched_file.read_text())
+        if not isinstance(sc, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise CfxError(f"{key}={path}: {sched_file} is not valid JSON ({e})") from None
     if sc.get("prediction_type", "epsilon") != "epsilon":
         raise CfxError(f"{key}={path}: prediction_type={sc['prediction_type']!r} is not supported yet; "
                        f"cfx's guidance expects an epsilon-predicting model")

@@ -75,11 +75,22 @@ def load_zoo_model(folder: str | Path, key: str = "model.path") -> tuple[nn.Modu
     if not cfg_file.exists() or not weights.exists():
         raise CfxError(f"{key}={folder} is not a cfx zoo model (needs config.json and model.safetensors); "
                        f"shipped ones live in cfx_cli/zoo/, `cfx train <model>` makes new ones")
-    info = json.loads(cfg_file.read_text())
+    try:
+        info = json.loads(cfg_file.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CfxError(f"{key}={folder}: {cfg_file.name} is not valid JSON ({e}); restore it, or re-make the "
+                       f"model with `cfx train`") from None
     if info.get("arch") not in ARCHITECTURES:
         raise CfxError(f"{key}={folder}: arch={info.get('arch')!r} is unknown; known: {sorted(ARCHITECTURES)}")
-    model = ARCHITECTURES[info["arch"]](**info["kwargs"])
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        model = ARCHITECTURES[info["arch"]](**info.get("kwargs", {}))
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # noqa: BLE001 - a truncated file, other shapes, bad kwargs: name the file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CfxError(f"{key}={folder}: cannot load {weights.name} into its {info['arch']} ({first}); the file is "
+                       f"damaged or belongs to another config.json") from None
     return model.eval().requires_grad_(False), info
 
 
