@@ -138,10 +138,27 @@ class JobWriter:
     def done_indices(self) -> set[int]:
         if not self.samples_path.exists() or self.samples_path.stat().st_size == 0:
             return set()
-        return set(read_samples(self.dir)["index"].astype(int).tolist())
+        try:
+            return set(read_samples(self.dir)["index"].astype(int).tolist())
+        except Exception as e:  # noqa: BLE001 - garbage where a resume expects its rows
+            from cfx_cli.errors import CfxError
+
+            raise CfxError(f"hydra.run.dir={self.dir}: samples.csv cannot be read ({type(e).__name__}); move it "
+                           f"away to start over, or choose another hydra.run.dir") from None
 
     def read_status(self) -> dict:
-        return json.loads(self.status_path.read_text()) if self.status_path.exists() else {}
+        if not self.status_path.exists():
+            return {}
+        try:
+            status = json.loads(self.status_path.read_text())
+            if not isinstance(status, dict):
+                raise ValueError("not a JSON object")
+            return status
+        except (OSError, ValueError) as e:
+            from cfx_cli.errors import CfxError
+
+            raise CfxError(f"hydra.run.dir={self.dir}: status.json cannot be read ({e}); move it away (the "
+                           f"samples stay valid) or choose another hydra.run.dir") from None
 
     def status(self, **fields):
         status = self.read_status()

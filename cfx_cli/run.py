@@ -1,6 +1,7 @@
 """One job: build the parts from the config, explain every image, write the job folder."""
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import signal
@@ -91,7 +92,26 @@ def instantiate_method(node: DictConfig, parts: dict):
                and parts.get(role) is None]
     if missing:
         raise CfxError(f"method={name} needs a {missing[0]} (choose {missing[0]}=<name>)")
+    for key, value in cfg.items():
+        check_type(f"method.{key}", value, params[key].default)
     return cls(**cfg, **{role: part for role, part in parts.items() if role in params})
+
+
+def check_type(key: str, value, default) -> None:
+    """A value of the kind the constructor's default has (number, flag, list), or one line: a typo such as
+    method.tau=abc must not surface as int()'s traceback deep inside a method."""
+    if value is None or default is None or default is inspect.Parameter.empty:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (list, tuple)):
+        ok, kind = isinstance(value, (list, tuple)), "a list, e.g. [8,10,15]"
+    else:
+        return
+    if not ok:
+        raise CfxError(f"{key}={value!r} must be {kind} (default {default!r})")
 
 
 # The typed parts a method may ask for by naming them in its constructor.
@@ -241,18 +261,24 @@ def signals_as_interrupts():
 def job(cfg: DictConfig, job_dir: str | Path) -> dict:
     """Run (or resume) one job into ``job_dir``, owning the folder for its lifetime (one process per
     job folder); returns its set-level metrics."""
-    writer = JobWriter(job_dir)
-    lock = JobLock(job_dir)
     try:
+        writer = JobWriter(job_dir)
+        lock = JobLock(job_dir)
         lock.acquire()
     except CfxError:
         writer.restore_hydra()  # this refused process's Hydra rewrote .hydra/: put back the holder's
         raise
+    except OSError as e:  # a read-only or full file system, no permission
+        raise CfxError(f"hydra.run.dir={job_dir}: cannot write there ({e.strerror or e}); choose a writable "
+                       f"hydra.run.dir") from None
     try:
         with signals_as_interrupts():
             return _job(cfg, writer)
     finally:
         lock.release()
+
+
+_NO_SPACE_OR_ACCESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class ResumeRefused(CfxError):
@@ -364,16 +390,22 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         if bar is not None:  # wipe the bar's line so that the error line stands alone
             bar.leave = False
             bar.close()
-        if isinstance(e, ResumeRefused):  # leave the folder as the last accepted run left it
-            from cfx_cli.outputs import write_json
+        try:
+            if isinstance(e, ResumeRefused):  # leave the folder as the last accepted run left it
+                from cfx_cli.outputs import write_json
 
-            write_json(writer.status_path, previous_status)
-            writer.restore_hydra()
-        elif isinstance(e, (Interrupted, KeyboardInterrupt)):
-            writer.status(state="interrupted", error=f"stopped by {getattr(e, 'signal_name', 'SIGINT')}; re-run the "
-                                                     f"same command to resume")
-        else:
-            writer.status(state="failed", error=f"{type(e).__name__}: {e}".strip()[:2000])
+                write_json(writer.status_path, previous_status)
+                writer.restore_hydra()
+            elif isinstance(e, (Interrupted, KeyboardInterrupt)):
+                writer.status(state="interrupted", error=f"stopped by {getattr(e, 'signal_name', 'SIGINT')}; "
+                                                         f"re-run the same command to resume")
+            else:
+                writer.status(state="failed", error=f"{type(e).__name__}: {e}".strip()[:2000])
+        except OSError:  # a full disk may refuse the record too; the error below still says what happened
+            pass
+        if isinstance(e, OSError) and e.errno in _NO_SPACE_OR_ACCESS:
+            raise CfxError(f"hydra.run.dir={writer.dir}: cannot write ({e.strerror}: {e.filename or ''}); free "
+                           f"space or choose a writable hydra.run.dir, then re-run to resume") from e
         raise
 
 

@@ -207,3 +207,44 @@ def test_damaged_or_misplaced_model_files_are_one_line(tmp_path, compose):
             msg = _user_error(e)
         assert msg and "\n" not in msg and needle in msg, (override, msg)
         assert override.split("=", 1)[1] in msg  # names the file or folder
+
+
+def test_garbage_in_a_job_folder_being_resumed_is_one_line_and_kept(tmp_path, compose):
+    from cfx_cli.cli import _user_error
+    from cfx_cli.run import job
+
+    for name, garbage in (("samples.csv", b"\x00\x01\x02garbage\n\xff\xfe"), ("status.json", b'{"state": "runn')):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_bytes(garbage)
+        try:
+            job(compose(["debug=fast", "device=cpu"]), folder)
+            raise AssertionError(f"resumed over a garbage {name}")
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            msg = _user_error(e)
+        assert msg and "\n" not in msg and f"{name} cannot be read" in msg and str(folder) in msg, msg
+        assert (folder / name).read_bytes() == garbage  # kept for the user to look at
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, compose, monkeypatch):
+    import errno
+
+    from cfx_cli.cli import _user_error
+    from cfx_cli.outputs import JobWriter
+    from cfx_cli.run import job
+
+    def full(self, rows, images):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.samples_path))
+
+    monkeypatch.setattr(JobWriter, "add", full)
+    try:
+        job(compose(["debug=fast", "device=cpu"]), tmp_path / "job")
+        raise AssertionError("wrote to a full disk")
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        msg = _user_error(e)
+    assert msg and "\n" not in msg and "No space left on device" in msg and str(tmp_path / "job") in msg
+    assert state(tmp_path / "job")["state"] == "failed"  # recorded where it could be
