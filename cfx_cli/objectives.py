@@ -47,8 +47,8 @@ class ClassificationObjective:
                  num_outputs: int | None = None, table: str | None = None):
         if mode not in ("flip", "class", "table"):
             raise CfxError(f"target.mode={mode!r} is not a classification target; use flip, class or table")
-        if mode == "class" and value is None:
-            raise CfxError("target.mode=class needs target.value=<class index>")
+        if mode == "class" and (value is None or isinstance(value, bool) or not isinstance(value, int)):
+            raise CfxError(f"target.mode=class needs target.value=<class index> (an integer; got {value!r})")
         self.table = load_target_table(table) if mode == "table" else None
         if head == "sigmoid":
             if query is None:

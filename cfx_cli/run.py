@@ -135,8 +135,30 @@ def build_sampler(cfg: DictConfig, generative):
     return instantiate(sampler_cfg, model=generative)
 
 
+def check_node(node: DictConfig | None, prefix: str) -> None:
+    """The keys of a ``_target_`` node against its callable's defaults (``check_type``), before Hydra calls it:
+    dataset.num_images=abc must be one line naming the key, not int()'s traceback."""
+    if not node or "_target_" not in node:
+        return
+    from hydra.utils import get_method
+
+    try:
+        target = get_method(node._target_)
+        params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+    except Exception:  # noqa: BLE001 - Hydra's own error names an unknown target
+        return
+    for key, value in OmegaConf.to_container(node, resolve=True).items():
+        if key in params and not key.startswith("_"):
+            check_type(f"{prefix}.{key}", value, params[key].default)
+
+
 def build(cfg: DictConfig, device: torch.device) -> dict:
     """Every part of a job, built once; the UNet and the explained models are wrapped in counters."""
+    for group in ("dataset", "classifier", "regressor", "robust_model", "diffusion", "sampler"):
+        check_node(cfg.get(group), group)
+    for key in ("size_tol", "pos_tol"):
+        if key in cfg.metrics:
+            check_type(f"metrics.{key}", cfg.metrics[key], 0.1)
     meter = CostMeter()
     dataset = instantiate(cfg.dataset)
     model, model_key = explained_model(cfg)

@@ -167,6 +167,8 @@ class SyntheticDataset:
         if split not in SPLITS:
             raise CfxError(f"dataset.split={split!r} is unknown; use one of {list(SPLITS)}")
         self.world = SyntheticWorld(image_size=image_size, shapes=tuple(shapes), size_range=tuple(size_range), rho=rho)
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise CfxError(f"dataset.num_images={num_images} must be a positive integer")
         self.split, self.num_images, self.seed = split, int(num_images), int(seed)
         self.classes = list(self.world.shapes)
 
