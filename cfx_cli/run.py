@@ -7,16 +7,18 @@ import json
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from torch import Tensor
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from cfx_cli.errors import CfxError, Interrupted, UnreadableItem
-from cfx_cli.methods.base import SampleRNG
+from cfx_cli.methods.base import CFResult, SampleRNG
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.models.counting import CostMeter, Counted
 from cfx_cli.metrics.sample import OracleMetrics, distances
@@ -152,16 +154,21 @@ def check_node(node: DictConfig | None, prefix: str) -> None:
             check_type(f"{prefix}.{key}", value, params[key].default)
 
 
-def build(cfg: DictConfig, device: torch.device) -> dict:
-    """Every part of a job, built once; the UNet and the explained models are wrapped in counters."""
+def build(cfg: DictConfig, device: torch.device, model=None) -> dict:
+    """Every part of a job, built once; the UNet and the explained models are wrapped in counters.
+    ``model``: an explained model given directly (the Python API) instead of the config's."""
     for group in ("dataset", "classifier", "regressor", "robust_model", "diffusion", "sampler"):
-        check_node(cfg.get(group), group)
+        if not (model is not None and group in ("classifier", "regressor")):
+            check_node(cfg.get(group), group)
     for key in ("size_tol", "pos_tol"):
         if key in cfg.metrics:
             check_type(f"metrics.{key}", cfg.metrics[key], 0.1)
     meter = CostMeter()
     dataset = instantiate(cfg.dataset)
-    model, model_key = explained_model(cfg)
+    if model is None:
+        model, model_key = explained_model(cfg)
+    else:
+        model_key = "regressor" if model.task == "regression" else "classifier"
     model = Counted(model.to(device), meter, "model")
     generative = instantiate(cfg.diffusion).to(device)
     check_resolution(dataset, generative)
@@ -181,6 +188,43 @@ def build(cfg: DictConfig, device: torch.device) -> dict:
                                size_tol=cfg.metrics.size_tol, pos_tol=cfg.metrics.pos_tol)
     return {"dataset": dataset, "model": model, "model_key": model_key, "objective": objective,
             "diffusion": generative, "sampler": sampler, "method": method, "oracle": oracle, "meter": meter}
+
+
+@dataclass
+class BatchExplanation:
+    """One batch explained and judged, as `cfx run` and the Python API (``cfx_cli.api``) both get it."""
+
+    x_cf: Tensor          # the counterfactuals (the input where one failed)
+    pred: Tensor          # the model's prediction on the input
+    target: Tensor        # y*
+    cf_pred: Tensor       # the prediction on the counterfactual
+    success: Tensor       # judged on the counterfactual (or on the method's ``judged`` image)
+    failed: Tensor        # not a finite image
+    cost: dict            # nfe_<role>[_backward] per sample
+    result: CFResult      # the method's own output (extras: masks, pre-explanations; info)
+
+
+def explain_batch(parts: dict, x: Tensor, indices, seed: int, device) -> BatchExplanation:
+    """Target, counterfactuals, judgement and cost of one batch: the one code path of every method."""
+    model, objective, method, meter = parts["model"], parts["objective"], parts["method"], parts["meter"]
+    with torch.no_grad():
+        out = model(x)
+        pred, target = objective.prediction(out), objective.target(out)
+    meter.start(len(x))
+    try:
+        result = method.explain(x, target, SampleRNG(seed, indices, device, meter=meter))
+        cost = cost_columns(meter)
+    finally:
+        meter.stop()
+    failed = ~torch.isfinite(result.x_cf).flatten(1).all(1)
+    x_cf = torch.where(failed.view(-1, 1, 1, 1), x, result.x_cf)  # keep the file valid; the row says failed
+    with torch.no_grad():  # success is judged here, on the final image, for every method alike
+        cf_out = model(x_cf)
+        cf_pred, success = objective.prediction(cf_out), objective.success(cf_out, target)
+        if result.judged is not None:  # a paper reproduction that judged another image
+            result.info["success_final"] = success.float()
+            success = objective.success(model(result.judged), target)
+    return BatchExplanation(x_cf, pred, target, cf_pred, success, failed, cost, result)
 
 
 def load_batch(dataset, chunk: list[int]):
@@ -341,8 +385,7 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         int_key(cfg, "data.shard", 0)
         torch.manual_seed(cfg.seed)
         parts = build(cfg, device)
-        dataset, model, objective, method = parts["dataset"], parts["model"], parts["objective"], parts["method"]
-        meter = parts["meter"]
+        dataset, model, objective = parts["dataset"], parts["model"], parts["objective"]
         task = model.task
         if len(dataset) == 0:
             raise CfxError(f"the dataset has no images (dataset.num_images={cfg.dataset.get('num_images')}): "
@@ -367,21 +410,10 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
             x = batch["x"].to(device)
             t0 = time.time()
             with PeakMemory(device) as peak:
-                with torch.no_grad():
-                    out = model(x)
-                    pred, target = objective.prediction(out), objective.target(out)
-                meter.start(len(x))
-                result = method.explain(x, target, SampleRNG(cfg.seed, batch["index"], device, meter=meter))
-                cost = cost_columns(meter)
-                meter.stop()
-                failed = ~torch.isfinite(result.x_cf).flatten(1).all(1)
-                x_cf = torch.where(failed.view(-1, 1, 1, 1), x, result.x_cf)  # keep the file valid; row says failed
-                with torch.no_grad():  # success is judged here, on the final image, for every method alike
-                    cf_out = model(x_cf)
-                    cf_pred, success = objective.prediction(cf_out), objective.success(cf_out, target)
-                    if result.judged is not None:  # a paper reproduction that judged another image
-                        result.info["success_final"] = success.float()
-                        success = objective.success(model(result.judged), target)
+                res = explain_batch(parts, x, batch["index"], cfg.seed, device)
+            pred, target, cf_pred, success, failed, x_cf = (res.pred, res.target, res.cf_pred, res.success, res.failed,
+                                                            res.x_cf)
+            result, cost = res.result, res.cost
             seconds = (time.time() - t0) / len(x)
             oracle_vals = None
             if parts["oracle"] is not None:
