@@ -5,6 +5,7 @@ import errno
 import inspect
 import json
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from cfx_cli.models.counting import CostMeter, Counted
 from cfx_cli.metrics.sample import OracleMetrics, distances
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.objectives import build_objective
-from cfx_cli.outputs import JobLock, JobWriter, diff_image, flatten_config, read_samples
+from cfx_cli.outputs import JobLock, JobWriter, diff_image, flatten_config, read_samples, write_json
 
 
 def resolve_device(name) -> torch.device:
@@ -227,6 +228,65 @@ def explain_batch(parts: dict, x: Tensor, indices, seed: int, device) -> BatchEx
     return BatchExplanation(x_cf, pred, target, cf_pred, success, failed, cost, result)
 
 
+def sanity(parts: dict, todo: list[int], batch_size: int, limit: int = 256) -> tuple[dict, list[str]]:
+    """Before spending compute: does the explained model fit the data? One line each: its outputs against
+    the dataset's classes, its accuracy (or MAE) on the images about to be explained (up to ``limit``; a
+    warning near chance), the images' channels against the generative model's. Returns (numbers, lines)."""
+    dataset, model, objective, generative = parts["dataset"], parts["model"], parts["objective"], parts["diffusion"]
+    info, lines = {}, []
+    classes = list(getattr(dataset, "classes", None) or [])
+    outputs = getattr(model, "num_classes", None)
+    if model.task == "classification" and classes and outputs and getattr(model, "head", "softmax") == "softmax" \
+            and outputs != len(classes):
+        lines.append(f"warning: the classifier has {outputs} outputs but the dataset has {len(classes)} classes "
+                     f"({', '.join(map(str, classes[:4]))}{', ...' if len(classes) > 4 else ''}): labels and "
+                     f"predictions may not mean the same classes")
+    sample = todo[:limit]
+    labels, preds, values = [], [], []
+    for start in range(0, len(sample), batch_size):
+        try:
+            batch = dataset.batch(sample[start:start + batch_size])
+        except UnreadableItem:  # the job marks those later; the check uses what it can read
+            continue
+        x = batch["x"].to(next(iter(model.parameters()), torch.zeros(())).device)
+        channels = getattr(generative, "channels", None)
+        if channels and x.shape[1] != channels:
+            raise CfxError(f"the dataset's images have {x.shape[1]} channels but the diffusion model makes {channels}: "
+                           f"convert the images (dataset) or choose a {x.shape[1]}-channel diffusion model")
+        with torch.no_grad():
+            out = model(x)
+        preds.append(objective.prediction(out).cpu())
+        labels.append(batch["label"].cpu())
+        values.append(batch["value"].cpu())
+    if not preds:
+        return info, lines
+    pred, label, value = torch.cat(preds), torch.cat(labels), torch.cat(values)
+    if model.task == "classification":
+        known = label >= 0
+        if known.any():
+            acc = float((pred[known] == label[known]).float().mean())
+            chance = 1.0 / max(2, len(classes) or 2)
+            info.update(model_accuracy=acc, accuracy_images=int(known.sum()))
+            line = (f"the classifier's accuracy on {int(known.sum())} of the images to explain: {acc:.2f} "
+                    f"(chance {chance:.2f})")
+            if acc <= chance + 0.1:
+                line = "warning: " + line + ": is it the right model for this data?"
+            lines.append(line)
+    elif torch.isfinite(value).any():
+        known = torch.isfinite(value)
+        mae = float((pred[known].float() - value[known]).abs().mean())
+        info.update(model_mae=mae)
+        lines.append(f"the regressor's MAE on {int(known.sum())} of the images to explain: {mae:.3f}")
+    return info, lines
+
+
+def _name(classes: list[str], index) -> str:
+    try:
+        return classes[int(index)] if 0 <= int(index) < len(classes) else ""
+    except (TypeError, ValueError):
+        return ""
+
+
 def load_batch(dataset, chunk: list[int]):
     """The chunk's batch, without the items that cannot be read, and a failed row for each of those
     (its file and the reason): one bad image must not end a job."""
@@ -394,8 +454,14 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         check_items(writer, dataset)
         done = writer.done_indices()
         todo = [i for i in indices if i not in done]
-        writer.status(total=len(indices), resumed_from=len(done & set(indices)), task=task)
         bs = int(cfg.batch_size)
+        checks, lines = sanity(parts, todo, bs)
+        for line in lines:
+            print(f"cfx: {line}", file=sys.stderr)
+        classes = [str(c) for c in getattr(dataset, "classes", None) or []]
+        if classes and task == "classification":  # the class mapping, for people and for the tables
+            write_json(writer.dir / "classes.json", dict(enumerate(classes)))
+        writer.status(total=len(indices), resumed_from=len(done & set(indices)), task=task, sanity=checks)
         # delay: an error in the first batch (a bad target, say) prints its line without a bar before it
         bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.method.name}", unit="cf",
                    delay=1.0)
@@ -424,6 +490,9 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
             images = {"original": x, "counterfactual": x_cf,
                       "diff": torch.stack([diff_image(a, b) for a, b in zip(x, x_cf)])}
             images.update({k: v for k, v in result.extras.items()})
+            if classes and task == "classification":
+                for row in rows:
+                    row.update({f"{k}_name": _name(classes, row[k]) for k in ("label", "target", "cf_pred")})
             rows += [{**dict.fromkeys(rows[0]), **r} for r in pending]
             writer.add(rows, images)
             bar.update(len(chunk))
@@ -446,8 +515,6 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
             bar.close()
         try:
             if isinstance(e, ResumeRefused):  # leave the folder as the last accepted run left it
-                from cfx_cli.outputs import write_json
-
                 write_json(writer.status_path, previous_status)
                 writer.restore_hydra()
             elif isinstance(e, (Interrupted, KeyboardInterrupt)):

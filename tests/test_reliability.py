@@ -57,8 +57,8 @@ def test_one_process_per_job_folder_sigterm_and_sigkill(tmp_path):
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=60)
     assert first.returncode == 143, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "%|" not in ln]
-    assert len(lines) == 1 and "interrupted (SIGTERM)" in lines[0], err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "%|" not in ln and "accuracy on" not in ln]
+    assert len(lines) == 1 and "interrupted (SIGTERM)" in lines[0] and "Traceback" not in err, err
     assert state(job_dir)["state"] == "interrupted"
 
     # resumed, then killed outright: the OS drops the lock with the process
@@ -248,3 +248,27 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, compose, monkeypatc
         msg = _user_error(e)
     assert msg and "\n" not in msg and "No space left on device" in msg and str(tmp_path / "job") in msg
     assert state(tmp_path / "job")["state"] == "failed"  # recorded where it could be
+
+
+def test_sanity_lines_and_the_class_mapping(tmp_path, compose, capsys):
+    """Before explaining: the model's accuracy on the images it is about to explain (a warning near chance);
+    the class mapping in classes.json and as names in samples.csv."""
+    from cfx_cli.run import job
+
+    root = tmp_path / "data"
+    write_folder(root, n=6)
+    job(folder_job(compose, root), tmp_path / "job")
+    err = capsys.readouterr().err
+    assert "the classifier's accuracy on 4 of the images to explain: 1.00 (chance 0.50)" in err
+    assert "warning" not in err
+    assert json.loads((tmp_path / "job" / "classes.json").read_text()) == {"0": "circle", "1": "square"}
+    s = pd.read_csv(tmp_path / "job" / "samples.csv")
+    assert (s["label_name"] == s["label"].map({0: "circle", 1: "square"})).all()
+    assert (s["target_name"] == s["target"].map({0: "circle", 1: "square"})).all()
+    assert state(tmp_path / "job")["sanity"]["model_accuracy"] == 1.0
+
+    # the biased classifier reads backgrounds: on these images it is at chance or below, and says so
+    job(folder_job(compose, root, "classifier=synthetic_shape_biased"), tmp_path / "biased")
+    err = capsys.readouterr().err
+    assert "warning: the classifier's accuracy on 4 of the images to explain" in err
+    assert "is it the right model for this data?" in err

@@ -26,8 +26,9 @@ class FolderDataset:
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
         if not files:
             raise CfxError(f"dataset.root={root} holds no images ({', '.join(sorted(EXTENSIONS))})")
+        # classes from every file, so that the mapping does not depend on how many images are explained
+        self.classes = sorted({p.parent.name for p in files if p.parent != self.root})
         self.files = files[:num_images] if num_images else files
-        self.classes = sorted({p.parent.name for p in self.files if p.parent != self.root})
         self.image_size = int(image_size)
 
     def __len__(self):
