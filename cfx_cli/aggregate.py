@@ -67,10 +67,13 @@ def _job_record(job: Path) -> dict:
         rec.update({k: v for k, v in choices.items() if not k.startswith("hydra/")})
     if "method" not in rec:
         rec["method"] = rec.get("method.name")
-    if rec.get("regressor") in (None, "null") and "classifier" in rec:
-        rec["model"] = rec.get("classifier")
-    else:
-        rec["model"] = rec.get("regressor")
+    kind = "classifier" if rec.get("regressor") in (None, "null") and "classifier" in rec else "regressor"
+    rec["model"] = rec.get(kind)
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else []
+    for o in overrides:  # another file in the group's slot: the table names the file, not the group
+        if isinstance(o, str) and o.lstrip("+").startswith(f"{kind}.path="):
+            rec["model"] = o.split("=", 1)[1]
     status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {}
     rec["state"] = status.get("state", "missing")
     rec["error"] = status.get("error")

@@ -233,3 +233,11 @@ def test_exit_code_says_whether_every_job_is_in_the_table(tmp_path, capsys):
     assert exc.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "cfx aggregate: 1 of 2 job(s) not in the table (listed above)"
+
+
+def test_a_model_given_by_path_is_labelled_by_its_path(tmp_path, capsys):
+    make_job(tmp_path / "zoo", metrics={"flip_rate": 1.0})
+    mine = make_job(tmp_path / "mine", seed=1, metrics={"flip_rate": 0.5})
+    (mine / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["classifier.path=/data/my_digits_cnn"]))
+    df, out, _ = run(capsys, tmp_path, "--by", "model", "--metrics", "flip_rate")
+    assert sorted(pd.read_csv(tmp_path / "table.csv")["model"]) == ["/data/my_digits_cnn", "synthetic_shape"]
