@@ -29,19 +29,21 @@ examples:
 
 TRAIN_USAGE = """usage: cfx train WHAT [overrides...]
 
-Reproduce a shipped model of the synthetic benchmark and write it to the zoo (cfx_cli/zoo/WHAT).
+Reproduce a shipped model of the synthetic benchmark into outputs/zoo/WHAT (out=zoo: over the shipped
+cfx_cli/zoo/WHAT itself; out=FOLDER: anywhere).
 
 WHAT: synthetic_ddpm, synthetic_shape, synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
       synthetic_oracle
       (settings in conf/trainable/WHAT.yaml; each shipped model records its command)
 
-overrides: device=cpu|cuda  threads=N  seed=N  out=FOLDER  work_dir=FOLDER (checkpoints: a killed run
+overrides: device=cpu|cuda  threads=N  seed=N  out=FOLDER|zoo  work_dir=FOLDER (checkpoints: a killed run
            resumes there)  trainable.steps=N  trainable.batch_size=N ...
 
 examples:
   cfx train synthetic_shape
   cfx train synthetic_ddpm device=cuda
-  cfx train synthetic_ddpm trainable.steps=500 out=/tmp/my_ddpm     # a quick try, not into the zoo
+  cfx train synthetic_ddpm trainable.steps=500 out=/tmp/my_ddpm     # a quick try, anywhere
+  cfx train synthetic_shape out=zoo                                  # replace the shipped model
 """
 
 

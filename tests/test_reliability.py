@@ -272,3 +272,21 @@ def test_sanity_lines_and_the_class_mapping(tmp_path, compose, capsys):
     err = capsys.readouterr().err
     assert "warning: the classifier's accuracy on 4 of the images to explain" in err
     assert "is it the right model for this data?" in err
+
+
+def test_cfx_train_never_overwrites_the_shipped_zoo_unless_asked(tmp_path):
+    """A quick `cfx train <zoo model>` used to overwrite the shipped model in the checkout."""
+    import hashlib
+
+    from cfx_cli import ZOO_DIR
+    from conftest import cfx
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    before = digest(ZOO_DIR / "synthetic_shape")
+    proc = cfx("train", "synthetic_shape", "trainable.steps=2", "eval_images=16", f"work_dir={tmp_path / 'work'}",
+               cwd=tmp_path)
+    assert digest(ZOO_DIR / "synthetic_shape") == before
+    made = tmp_path / "outputs" / "zoo" / "synthetic_shape"
+    assert (made / "model.safetensors").exists() and "wrote outputs/zoo/synthetic_shape" in proc.stdout

@@ -48,9 +48,20 @@ def check_device(cfg: DictConfig) -> None:
         raise CfxError(f"device={device!r} is not a training device; use cpu or cuda")
 
 
+def output_folder(cfg: DictConfig) -> str:
+    """Where the model goes: a new folder under outputs/ by default; the shipped zoo only when asked
+    (``out=zoo``), so a quick try never overwrites the models the benchmark's numbers come from."""
+    if str(cfg.out) == "zoo":
+        from cfx_cli import ZOO_DIR
+
+        return str(ZOO_DIR / cfg.trainable.name)
+    return str(cfg.out)
+
+
 def train(cfg: DictConfig) -> dict:
     t = cfg.trainable
     check_device(cfg)
+    out = output_folder(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     world = world_from(cfg)
@@ -61,11 +72,11 @@ def train(cfg: DictConfig) -> dict:
     if t.kind == "ddpm":
         from cfx_cli.train.ddpm import train_ddpm
 
-        train_ddpm(world, cfg.out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+        train_ddpm(world, out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
                    decay_from=t.get("decay_from"),
                    ema_decay=t.ema_decay, channels=tuple(t.channels), seed=cfg.seed, threads=cfg.threads,
                    device=cfg.device, command=info["command"])
-        print(f"wrote {cfg.out}")
+        print(f"wrote {out}")
         return info
     common = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr, width=t.width, seed=cfg.seed)
     n = int(cfg.eval_images)
@@ -91,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
     else:
         raise CfxError(f"trainable.kind={t.kind!r} is unknown; use ddpm, classifier, regressor or oracle")
     info["quality"] = quality
-    save_zoo_model(net, cfg.out, arch, kwargs, **info)
-    print(f"wrote {cfg.out}: " + ", ".join(f"{k}={v:.4f}" for k, v in quality.items()))
+    save_zoo_model(net, out, arch, kwargs, **info)
+    print(f"wrote {out}: " + ", ".join(f"{k}={v:.4f}" for k, v in quality.items()))
     return info
 
