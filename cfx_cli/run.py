@@ -280,6 +280,25 @@ def sanity(parts: dict, todo: list[int], batch_size: int, limit: int = 256) -> t
     return info, lines
 
 
+def _step_progress(bar, every: float = 0.5):
+    """Inside a batch the bar moves with the UNet: its postfix counts the batch's calls (forward and
+    backward), redrawn at most every ``every`` seconds."""
+    state = {"calls": 0, "shown": 0.0, "n": None}
+
+    def listener(role: str, kind: str) -> None:
+        if role != "unet":
+            return
+        if state["n"] != bar.n:  # a new batch
+            state.update(calls=0, n=bar.n)
+        state["calls"] += 1
+        now = time.time()
+        if now - state["shown"] >= every:
+            state["shown"] = now
+            bar.set_postfix_str(f"UNet calls in this batch: {state['calls']}", refresh=True)
+
+    return listener
+
+
 def _name(classes: list[str], index) -> str:
     try:
         return classes[int(index)] if 0 <= int(index) < len(classes) else ""
@@ -465,6 +484,7 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         # delay: an error in the first batch (a bad target, say) prints its line without a bar before it
         bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.method.name}", unit="cf",
                    delay=1.0)
+        parts["meter"].listener = _step_progress(bar)
         pending = []  # rows of unreadable items: written beside the next readable batch (same columns)
         for start in range(0, len(todo), bs):
             chunk = todo[start:start + bs]

@@ -26,6 +26,7 @@ class CostMeter:
         self.counts: dict[str, dict[str, Tensor]] = {}
         self.active: Tensor | None = None  # rows being worked on; None = not counting
         self.n = 0
+        self.listener = None  # called as listener(role, kind) after each count (the job's progress bar)
 
     def start(self, n: int) -> None:
         """Begin counting for a batch of ``n`` samples (all active)."""
@@ -60,6 +61,8 @@ class CostMeter:
             return
         per = self.counts.setdefault(role, {k: torch.zeros(self.n, dtype=torch.long) for k in KINDS})
         per[kind][rows] += max(1, batch // len(rows))
+        if self.listener is not None:
+            self.listener(role, kind)
 
     def column(self, role: str, kind: str) -> Tensor:
         return self.counts.get(role, {}).get(kind, torch.zeros(self.n, dtype=torch.long))
