@@ -44,7 +44,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cfx_cli.errors import CfxError, UnreadableItem
+from cfx_cli.data.images import open_rgb, positive_int, to_tensor
+from cfx_cli.errors import CfxError
 
 ATTRIBUTE_NAMES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
@@ -117,24 +118,6 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 HxWx3 -> 3xHxW in [-1, 1], as ``ToTensor`` + ``Normalize([.5]*3, [.5]*3)``."""
-    t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    return t.sub(0.5).div(0.5)
-
-
-def _positive_int(key: str, value, hint: str) -> int:
-    try:
-        if isinstance(value, bool) or float(value) != int(float(value)):
-            raise ValueError
-        out = int(float(value))
-    except (TypeError, ValueError, OverflowError):
-        out = 0
-    if out <= 0:
-        raise CfxError(f"dataset.{key}={value!r} must be a positive integer ({hint})")
-    return out
 
 
 def _find(root: Path, stem: str, dirs) -> Path | None:
@@ -221,9 +204,9 @@ class CelebADataset:
         self.query_name = ATTRIBUTE_NAMES[self.query_index]
         self.attribute_names = list(ATTRIBUTE_NAMES)
         self.classes = [f"not {self.query_name}", self.query_name]
-        self.image_size = _positive_int("image_size", image_size, "128 for the papers' models")
+        self.image_size = positive_int("image_size", image_size, "128 for the papers' models")
         if num_images is not None:
-            num_images = _positive_int("num_images", num_images, "or null for all images")
+            num_images = positive_int("num_images", num_images, "or null for all images")
         subset_key = None if subset is None else str(subset).strip().lower()
         if subset_key in ("", "none", "null"):
             subset_key = None
@@ -233,7 +216,7 @@ class CelebADataset:
                                f"with replacement, seed 5) or null for the whole split")
             subset_key = SUBSETS[subset_key]
         self.subset = subset_key
-        self.subset_size = _positive_int("subset_size", subset_size, "1000 for mini-val")
+        self.subset_size = positive_int("subset_size", subset_size, "1000 for mini-val")
         try:
             self.subset_seed = int(subset_seed)
         except (TypeError, ValueError, OverflowError):
@@ -286,13 +269,8 @@ class CelebADataset:
 
     def _load(self, filename: str) -> torch.Tensor:
         path = self.image_dir / filename
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise UnreadableItem(str(path), f"{type(e).__name__}: {e}",
-                                 f"dataset.root={self.root}: cannot read image {path} ({type(e).__name__}); "
-                                 f"is img_align_celeba/ complete?") from None
+        img = open_rgb(path, str(path), f"dataset.root={self.root}: cannot read image {path}; is img_align_celeba/ "
+                                        f"complete?")
         return to_tensor(resize_center_crop(img, self.image_size))
 
     def ids(self, indices) -> list[str]:

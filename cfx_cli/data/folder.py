@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cfx_cli.errors import CfxError, UnreadableItem
+from cfx_cli.data.images import open_rgb
+from cfx_cli.errors import CfxError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -74,11 +75,7 @@ class FolderDataset:
         return len(self.files)
 
     def _load(self, path: Path) -> torch.Tensor:
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, ...
-            raise UnreadableItem(str(path.relative_to(self.root)), f"{type(e).__name__}: {e}") from None
+        img = open_rgb(path, str(path.relative_to(self.root)))
         s = min(img.size)  # centre crop, then resize
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s)).resize((self.image_size,) * 2, Image.BICUBIC)

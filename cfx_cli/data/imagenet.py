@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cfx_cli.data.celeba import to_tensor
-from cfx_cli.errors import CfxError, UnreadableItem
+from cfx_cli.data.images import open_rgb, positive_int, to_tensor
+from cfx_cli.errors import CfxError
 
 CLASSES_FILE = Path(__file__).with_name("imagenet_classes.tsv")
 EXTENSIONS = {".jpeg", ".jpg", ".png"}
@@ -123,9 +123,9 @@ class ImageNetDataset:
         if not self.root.is_dir():
             raise CfxError(f"dataset.root={root} is not a folder: {_LAYOUT}")
         self.name = name
-        self.image_size = _positive_int("image_size", image_size, "256 for the ImageNet diffusion models")
+        self.image_size = positive_int("image_size", image_size, "256 for the ImageNet diffusion models")
         if num_images is not None:
-            num_images = _positive_int("num_images", num_images, "or null for all images")
+            num_images = positive_int("num_images", num_images, "or null for all images")
         try:
             self.crop_fraction = float(crop_fraction)
         except (TypeError, ValueError):
@@ -261,12 +261,7 @@ class ImageNetDataset:
         return len(self.files)
 
     def _load(self, path: Path) -> torch.Tensor:
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise UnreadableItem(str(path), f"{type(e).__name__}: {e}",
-                                 f"dataset.root={self.root}: cannot read image {path} ({type(e).__name__})") from None
+        img = open_rgb(path, str(path), f"dataset.root={self.root}: cannot read image {path}")
         return to_tensor(resize_center_crop(img, self.image_size, self.crop_fraction, self.interpolation))
 
     def ids(self, indices) -> list[str]:
@@ -279,15 +274,3 @@ class ImageNetDataset:
         return {"index": indices, "id": [p.name for p in files], "x": torch.stack([self._load(p) for p in files]),
                 "label": torch.as_tensor([self.labels[i] for i in indices], dtype=torch.long),
                 "value": torch.full((len(files),), float("nan")), "factors": None}
-
-
-def _positive_int(key: str, value, hint: str) -> int:
-    try:
-        if isinstance(value, bool) or float(value) != int(float(value)):
-            raise ValueError
-        out = int(float(value))
-    except (TypeError, ValueError, OverflowError):
-        out = 0
-    if out <= 0:
-        raise CfxError(f"dataset.{key}={value!r} must be a positive integer ({hint})")
-    return out
