@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from cfx_cli.run import BatchExplanation, build, explain_batch, resolve_device
+from cfx_cli.run import BatchExplanation, build, explain_batch, fit_defaults, resolve_device
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -45,6 +45,7 @@ class Explainer:
                  task: str = "classification", input_size: int | None = None, normalize: str = "none",
                  head: str = "softmax"):
         self.cfg = overrides if isinstance(overrides, DictConfig) else compose(overrides)
+        self.notes = fit_defaults(self.cfg)  # as `cfx run` does (e.g. no perceptual term without its weights)
         self.device = resolve_device(device)
         explained = None
         if model is not None:

@@ -444,7 +444,27 @@ def check_items(writer: JobWriter, dataset) -> None:
                                 f"{is_!r} (the dataset changed since): re-run into a new hydra.run.dir")
 
 
+# Generative models that come with no tuning of their own: a user's diffusers folder.
+UNTUNED = ("diffusers_ddpm",)
+
+
+def fit_defaults(cfg: DictConfig) -> list[str]:
+    """With a user's own generative model and no tuning for it, the papers' perceptual term (it needs
+    VGG weights that the user may not have) is off unless its weights are given; says so. Changes
+    ``cfg`` before its config is recorded, so the job folder shows the value used."""
+    notes = []
+    if cfg.diffusion.get("name") in UNTUNED and "lambda_perc" in cfg.method \
+            and cfg.method.get("perceptual_weights") is None and cfg.method.lambda_perc:
+        notes.append(f"no tuning for diffusion={cfg.diffusion.name}: method.lambda_perc={cfg.method.lambda_perc} "
+                     f"needs method.perceptual_weights, none given, so the perceptual term is off "
+                     f"(method.lambda_perc=0); the other method defaults are the paper's")
+        cfg.method.lambda_perc = 0.0
+    return notes
+
+
 def _job(cfg: DictConfig, writer: JobWriter) -> dict:
+    for note in fit_defaults(cfg):
+        print(f"cfx: {note}", file=sys.stderr)
     config = result_config(cfg)
     check_resume(writer, config)
     previous_status = writer.read_status()

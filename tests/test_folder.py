@@ -50,3 +50,41 @@ def test_file_list(root, tmp_path):
         FolderDataset(str(root), image_size=8, files=str(listing))
     with pytest.raises(CfxError, match="dataset.subset='stratified' is unknown"):
         FolderDataset(str(root), subset="stratified")
+
+
+def test_train_on_a_folder_then_explain_with_the_models(tmp_path):
+    """`cfx train classifier|ddpm dataset=folder ...` then `cfx run` with both, through the CLI."""
+    import json
+
+    import pandas as pd
+
+    from cfx_cli.data.synthetic import SyntheticWorld
+    from cfx_cli.outputs import to_uint8
+    from conftest import cfx
+
+    world = SyntheticWorld()
+    f = world.factors_for_indices("train", range(40), 0)
+    data = tmp_path / "shapes"
+    for i, x in enumerate(world.render(f)):
+        d = data / ("round" if f["shape"][i] == 0 else "boxy")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(to_uint8(x)).save(d / f"{i:03d}.png")
+    (data / "boxy" / "broken.png").write_text("not an image")
+    folder = ["dataset=folder", f"dataset.root={data}", f"work_dir={tmp_path / 'work'}"]
+    clf = cfx("train", "classifier", *folder, "trainable.steps=60", f"out={tmp_path / 'clf'}")
+    assert "held-out accuracy" in clf.stdout and "skipping boxy/broken.png" in clf.stderr
+    info = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert info["classes"] == ["boxy", "round"] and info["quality"]["held_out_images"] == 8
+    assert info["quality"]["held_out_accuracy"] >= 0.75  # 60 steps on 31 images: circles vs squares
+    assert info["command"].startswith("cfx train classifier dataset=folder")
+    cfx("train", "ddpm", *folder, "trainable.steps=2", "trainable.batch_size=4", f"out={tmp_path / 'ddpm'}",
+        f"work_dir={tmp_path / 'work_ddpm'}")
+    assert json.loads((tmp_path / "ddpm" / "train_info.json").read_text())["classes"] == ["boxy", "round"]
+    run = cfx("run", "debug=fast", "dataset=folder", f"dataset.root={data}", f"classifier.path={tmp_path / 'clf'}",
+              "diffusion=diffusers_ddpm", f"diffusion.path={tmp_path / 'ddpm'}", f"hydra.run.dir={tmp_path / 'job'}")
+    assert "accuracy on 4 of the images to explain" in run.stderr
+    assert "the perceptual term is off (method.lambda_perc=0)" in run.stderr  # a user's DDPM: no VGG needed
+    assert json.loads((tmp_path / "job" / "classes.json").read_text()) == {"0": "boxy", "1": "round"}
+    assert len(pd.read_csv(tmp_path / "job" / "samples.csv")) == 4
+    refused = cfx("train", "classifier", check=False)
+    assert refused.returncode == 2 and "add dataset=folder dataset.root=<folder>" in refused.stderr

@@ -31,21 +31,48 @@ def build_unet(image_size: int, channels=(32, 64, 64), layers_per_block: int = 1
                        norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim)
 
 
-def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path, steps: int = 6000,
+def synthetic_images(world: SyntheticWorld, batch_size: int):
+    """A batch of the synthetic world, rendered from factors drawn with the step's generator."""
+
+    def batch(rng: np.random.Generator) -> torch.Tensor:
+        return world.render(world.sample(rng, batch_size))
+
+    return batch
+
+
+def folder_images(x: torch.Tensor, batch_size: int):
+    """A batch of images held in memory, drawn with the step's generator, with a random horizontal flip."""
+
+    def batch(rng: np.random.Generator) -> torch.Tensor:
+        b = x[torch.as_tensor(rng.integers(0, len(x), batch_size))]
+        flip = torch.as_tensor(rng.random(batch_size) < 0.5)
+        return torch.where(flip.view(-1, 1, 1, 1), b.flip(-1), b)
+
+    return batch
+
+
+def train_ddpm(world: SyntheticWorld | None, out_dir: str | Path, work_dir: str | Path, steps: int = 6000,
                batch_size: int = 64, lr: float = 4e-4, warmup: int = 200, decay_from: int | None = None,
                final_lr_fraction: float = 0.05, ema_decay: float = 0.999,
                num_train_timesteps: int = 1000, channels=(32, 64, 64), seed: int = 0,
                checkpoint_every: int = 200, threads: int | None = None, device: str = "cpu",
-               command: str = "") -> Path:
+               command: str = "", images=None, image_size: int | None = None, info: dict | None = None) -> Path:
+    """``images(rng) -> batch`` draws a batch with the step's generator (default: the synthetic ``world``'s
+    renders), so that step k's batch and noise depend only on (seed, k); ``info`` goes into
+    train_info.json (a folder dataset's root and classes)."""
     from diffusers import DDPMScheduler
+
+    images = images or synthetic_images(world, batch_size)
+    image_size = image_size or world.image_size
+    info = info if info is not None else {"shapes": list(world.shapes), "image_size": world.image_size}
 
     if threads:
         torch.set_num_threads(threads)
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet = build_unet(world.image_size, channels).to(device)
-    ema = build_unet(world.image_size, channels).to(device)
+    unet = build_unet(image_size, channels).to(device)
+    ema = build_unet(image_size, channels).to(device)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -71,9 +98,8 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
         (out_dir / "train_info.json").write_text(json.dumps({"command": command, "steps": step,
                                                              "batch_size": batch_size, "lr": lr,
                                                              "decay_from": decay_from,
-                                                             "ema_decay": ema_decay, "seed": seed,
-                                                             "shapes": list(world.shapes),
-                                                             "image_size": world.image_size}, indent=1))
+                                                             "ema_decay": ema_decay, "seed": seed, **info},
+                                                            indent=1))
 
     ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     log = open(work_dir / "loss.log", "a")
@@ -81,7 +107,7 @@ def train_ddpm(world: SyntheticWorld, out_dir: str | Path, work_dir: str | Path,
     t0 = time.time()
     for step in bar:
         rng = np.random.default_rng([seed, step])
-        x0 = world.render(world.sample(rng, batch_size)).to(device)
+        x0 = images(rng).to(device)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, num_train_timesteps, (batch_size,), generator=g).to(device)

@@ -14,7 +14,8 @@ from cfx_cli.train import supervised
 
 def world_from(cfg: DictConfig) -> SyntheticWorld:
     if cfg.dataset.name != "synthetic":
-        raise CfxError(f"dataset={cfg.dataset.name}: cfx train makes the synthetic benchmark's models; use dataset=synthetic")
+        raise CfxError(f"dataset={cfg.dataset.name}: cfx train makes the synthetic benchmark's models (dataset=synthetic) "
+                       f"or models of your images (dataset=folder)")
     d = OmegaConf.to_container(cfg.dataset, resolve=True)
     d.update(OmegaConf.to_container(cfg.trainable.world, resolve=True))
     return SyntheticWorld(image_size=d["image_size"], shapes=tuple(d["shapes"]), size_range=tuple(d["size_range"]),
@@ -58,10 +59,69 @@ def output_folder(cfg: DictConfig) -> str:
     return str(cfg.out)
 
 
+def folder_images(cfg: DictConfig):
+    """Every image of a folder dataset in memory, with its labels and class names."""
+    from hydra.utils import instantiate
+
+    from cfx_cli.errors import UnreadableItem
+
+    ds = instantiate(cfg.dataset)
+    xs, ys = [], []
+    for i in range(len(ds)):
+        try:
+            b = ds.batch([i])
+        except UnreadableItem as e:  # one bad file is skipped, and said
+            print(f"cfx train: skipping {e.item} ({e.reason})", file=sys.stderr)
+            continue
+        xs.append(b["x"])
+        ys.append(b["label"])
+    if not xs:
+        raise CfxError(f"dataset.root={cfg.dataset.root}: no readable image to train on")
+    return ds, torch.cat(xs), torch.cat(ys)
+
+
+def train_on_folder(cfg: DictConfig, out: str) -> dict:
+    """`cfx train classifier|ddpm dataset=folder dataset.root=...`: your own images."""
+    t = cfg.trainable
+    ds, x, y = folder_images(cfg)
+    info = {"name": t.name, "command": command_line(), "seed": int(cfg.seed),
+            "train": OmegaConf.to_container(t, resolve=True), "image_size": int(x.shape[-1]),
+            "dataset_root": str(cfg.dataset.root), "classes": list(ds.classes), "num_images": int(len(x))}
+    if t.kind == "ddpm":
+        from cfx_cli.train.ddpm import folder_images as batches, train_ddpm
+
+        train_ddpm(None, out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                   decay_from=t.get("decay_from"), ema_decay=t.ema_decay, channels=tuple(t.channels), seed=cfg.seed,
+                   threads=cfg.threads, device=cfg.device, command=info["command"], images=batches(x, t.batch_size),
+                   image_size=int(x.shape[-1]), info={k: info[k] for k in ("image_size", "dataset_root", "classes")})
+        print(f"wrote {out}")
+        return info
+    if t.kind != "classifier":
+        raise CfxError(f"cfx train {t.name} dataset=folder: a folder trains a classifier or a ddpm "
+                       f"(cfx train classifier|ddpm dataset=folder dataset.root=...)")
+    if len(ds.classes) < 2 or (y < 0).any():
+        raise CfxError(f"dataset.root={cfg.dataset.root}: a classifier needs one sub-folder per class (found "
+                       f"{len(ds.classes)} class folder(s){' and images outside them' if (y < 0).any() else ''})")
+    train_idx, held = supervised.split_held_out(len(x), float(t.get("held_out", 0.2)), int(cfg.seed))
+    model = supervised.train_on_images(x[train_idx], y[train_idx], len(ds.classes), steps=t.steps,
+                                       batch_size=t.batch_size, lr=t.lr, width=t.width, seed=cfg.seed)
+    with torch.no_grad():
+        acc = float((model(x[held]).argmax(1) == y[held]).float().mean())
+    info.update(task="classification", quality={"held_out_accuracy": acc, "held_out_images": int(len(held))},
+                input_size=None)
+    save_zoo_model(model.net, out, "small_cnn", {"num_outputs": len(ds.classes), "width": t.width}, **info)
+    print(f"wrote {out}: held-out accuracy {acc:.3f} on {len(held)} images (classes: {', '.join(ds.classes)})")
+    return info
+
+
 def train(cfg: DictConfig) -> dict:
     t = cfg.trainable
     check_device(cfg)
     out = output_folder(cfg)
+    if cfg.dataset.name == "folder":
+        return train_on_folder(cfg, out)
+    if t.get("folder_only"):
+        raise CfxError(f"cfx train {t.name} trains on your images: add dataset=folder dataset.root=<folder>")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     world = world_from(cfg)

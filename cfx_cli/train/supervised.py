@@ -137,3 +137,35 @@ def evaluate_oracle(model, world: SyntheticWorld, n=1000, seed=123) -> dict:
     for i, k in enumerate(("size", "pos_x", "pos_y")):
         res[f"{k}_mae"] = float(np.abs(cont[:, i] - f[k]).mean())
     return res
+
+
+# ------------------------------------------------------------------ your own images
+def train_on_images(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps=300, batch_size=64, lr=3e-3,
+                    width=32, seed=0) -> ExplainedModel:
+    """A SmallCNN classifier on images held in memory (a folder dataset's), random flips as augmentation."""
+    model = _trainable(SmallCNN(num_classes, width), "classification", None)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    bar = tqdm(range(steps), desc="train classifier", mininterval=2)
+    for step in bar:
+        rng = np.random.default_rng([seed, step])
+        idx = torch.as_tensor(rng.integers(0, len(x), batch_size))
+        flip = torch.as_tensor(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
+        xb = torch.where(flip, x[idx].flip(-1), x[idx])
+        loss = F.cross_entropy(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval().requires_grad_(False)
+
+
+def split_held_out(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train / held-out indices: a seeded permutation, ``fraction`` (at least one image) held out."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * fraction)))
+    return np.sort(perm[k:]), np.sort(perm[:k])
