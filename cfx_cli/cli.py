@@ -16,6 +16,8 @@ commands:
                                         synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
                                         synthetic_oracle)
   aggregate  PATH... [--by KEY...]      job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
+  calibrate  [overrides...] --values V... [--rate R] [--images N]
+                                        the smallest guidance strength reaching a flip rate on a few images
   doctor     [overrides...]             before a long job: every file it needs, and whether each part loads
                                         (alias: check; same config and overrides as run; exit 1 on a problem)
 
@@ -149,12 +151,16 @@ def _main(argv: list[str] | None = None) -> None:
         from cfx_cli.doctor import main as doctor_main
 
         doctor_main(rest)
+    elif cmd == "calibrate":
+        from cfx_cli.calibrate import main as calibrate_main
+
+        calibrate_main(rest)
     elif cmd == "aggregate":
         from cfx_cli.aggregate import main as aggregate_main
 
         aggregate_main(rest)
     else:
-        print(f"cfx: error: unknown command {cmd!r}; use run, train or aggregate (cfx --help)", file=sys.stderr)
+        print(f"cfx: error: unknown command {cmd!r}; use run, train, aggregate, calibrate or doctor (cfx --help)", file=sys.stderr)
         sys.exit(2)
 
 
