@@ -1,8 +1,6 @@
 """Each shipped model's quality on freshly rendered test-split images (the thresholds of the issue)."""
 import json
 
-import numpy as np
-import pytest
 import torch
 
 from cfx_cli import ZOO_DIR
