@@ -25,12 +25,14 @@ def _batches(world: SyntheticWorld, steps: int, batch_size: int, seed: int):
         yield step, world.render(f), f
 
 
-def _fit(model, loss_fn, world, steps, batch_size, lr, seed, desc, perturb=None):
+def _fit(model, loss_fn, world, steps, batch_size, lr, seed, desc, perturb=None, batches=None):
+    """AdamW with a one-cycle rate over ``batches`` (``(step, x, targets)``; default: the synthetic world's)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
-    bar = tqdm(_batches(world, steps, batch_size, seed), total=steps, desc=desc, mininterval=5)
+    batches = _batches(world, steps, batch_size, seed) if batches is None else batches
+    bar = tqdm(batches, total=steps, desc=desc, mininterval=5)
     for step, x, f in bar:
         if perturb is not None:  # adversarial training: fit the attacked batch
             x = perturb(x, f)
@@ -144,24 +146,16 @@ def train_on_images(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps=30
                     width=32, seed=0) -> ExplainedModel:
     """A SmallCNN classifier on images held in memory (a folder dataset's), random flips as augmentation."""
     model = _trainable(SmallCNN(num_classes, width), "classification", None)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    model.train()
-    bar = tqdm(range(steps), desc="train classifier", mininterval=2)
-    for step in bar:
-        rng = np.random.default_rng([seed, step])
-        idx = torch.as_tensor(rng.integers(0, len(x), batch_size))
-        flip = torch.as_tensor(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
-        xb = torch.where(flip, x[idx].flip(-1), x[idx])
-        loss = F.cross_entropy(model(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return model.eval().requires_grad_(False)
+
+    def batches():
+        for step in range(steps):
+            rng = np.random.default_rng([seed, step])
+            idx = torch.as_tensor(rng.integers(0, len(x), batch_size))
+            flip = torch.as_tensor(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
+            yield step, torch.where(flip, x[idx].flip(-1), x[idx]), y[idx]
+
+    return _fit(model, lambda out, labels: F.cross_entropy(out, labels), None, steps, batch_size, lr, seed,
+                "train classifier", batches=batches())
 
 
 def split_held_out(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
