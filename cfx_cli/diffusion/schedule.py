@@ -26,6 +26,11 @@ def linear_betas(num_timesteps: int, beta_start: float | None = None, beta_end: 
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
 
+def scaled_linear_betas(num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """β linear in √β (latent diffusion; diffusers' "scaled_linear"). LDM's ImageNet model: 0.0015..0.0195."""
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
 def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> Tensor:
     """Cosine schedule of Nichol & Dhariwal (2021)."""
     f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
@@ -103,7 +108,10 @@ class NoiseSchedule:
             return cls(linear_betas(num_timesteps, kwargs.get("beta_start"), kwargs.get("beta_end")))
         if kind in ("cosine", "squaredcos_cap_v2"):
             return cls(cosine_betas(num_timesteps))
-        raise ValueError(f"diffusion.schedule.kind={kind!r} is unknown; use 'linear' or 'cosine'")
+        if kind == "scaled_linear":
+            given = {k: kwargs[k] for k in ("beta_start", "beta_end") if kwargs.get(k) is not None}
+            return cls(scaled_linear_betas(num_timesteps, **given))
+        raise ValueError(f"diffusion.schedule.kind={kind!r} is unknown; use 'linear', 'scaled_linear' or 'cosine'")
 
     def respace(self, section_counts) -> "NoiseSchedule":
         """The process restricted to the kept timesteps (β recomputed from ᾱ on that grid)."""

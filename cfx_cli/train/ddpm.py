@@ -8,15 +8,14 @@ not stopped. The EMA weights are exported as a diffusers folder (``unet/`` +
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cfx_cli.data.synthetic import SyntheticWorld
 from cfx_cli.diffusion.schedule import NoiseSchedule
+from cfx_cli.train.loop import Trainer, step_noise
 
 
 def build_unet(image_size: int, channels=(32, 64, 64), layers_per_block: int = 1, norm_num_groups: int = 16,
@@ -68,32 +67,23 @@ def train_ddpm(world: SyntheticWorld | None, out_dir: str | Path, work_dir: str 
 
     if threads:
         torch.set_num_threads(threads)
-    work_dir, out_dir = Path(work_dir), Path(out_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
     torch.manual_seed(seed)
     unet = build_unet(image_size, channels).to(device)
-    ema = build_unet(image_size, channels).to(device)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
                               beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", clip_sample=True)
     schedule = NoiseSchedule.from_config("linear", num_train_timesteps)  # the same q_sample as every sampler
+    trainer = Trainer({"unet": unet}, work_dir, steps, lr=lr, warmup=warmup, decay_from=decay_from,
+                      final_lr_fraction=final_lr_fraction, ema_decay=ema_decay, checkpoint_every=checkpoint_every,
+                      desc="train ddpm")
 
-    state_file = work_dir / "state.pt"
-    start = 0
-    if state_file.exists():
-        state = torch.load(state_file, map_location=device, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+    def loss(step, rng):
+        x0 = images(rng).to(device)
+        noise, t = step_noise(rng, x0.shape, num_train_timesteps, device)
+        return torch.nn.functional.mse_loss(unet(schedule.q_sample(x0, t, noise), t).sample, noise)
 
-    def save(step: int):
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
-        tmp.replace(state_file)
-        ema.save_pretrained(out_dir / "unet", safe_serialization=True)
+    def export(ema, step):
+        ema["unet"].save_pretrained(out_dir / "unet", safe_serialization=True)
         scheduler.save_pretrained(out_dir / "scheduler")
         (out_dir / "train_info.json").write_text(json.dumps({"command": command, "steps": step,
                                                              "batch_size": batch_size, "lr": lr,
@@ -101,46 +91,5 @@ def train_ddpm(world: SyntheticWorld | None, out_dir: str | Path, work_dir: str 
                                                              "ema_decay": ema_decay, "seed": seed, **info},
                                                             indent=1))
 
-    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
-    log = open(work_dir / "loss.log", "a")
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train ddpm", mininterval=10)
-    t0 = time.time()
-    for step in bar:
-        rng = np.random.default_rng([seed, step])
-        x0 = images(rng).to(device)
-        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, num_train_timesteps, (batch_size,), generator=g).to(device)
-        x_t = schedule.q_sample(x0, t, noise)
-        loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, noise)
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, warmup, decay_from, steps, final_lr_fraction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():  # one fused update of all EMA weights (one kernel per group, not per tensor)
-            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
-        if step % 20 == 0:
-            log.write(f"{step} {loss.item():.5f} {time.time() - t0:.1f}\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save(step + 1)
-    if start >= steps and not (out_dir / "unet").exists():
-        save(steps)
+    trainer.run(loss, export, seed=seed)
     return out_dir
-
-
-def _lr_factor(step: int, warmup: int, decay_from: int | None, steps: int, final: float) -> float:
-    """Linear warm-up, constant, then (from ``decay_from``) linear decay to ``final`` at ``steps``.
-
-    The rate at a step depends only on these numbers, so a run stopped and resumed with the
-    same settings follows the same schedule.
-    """
-    factor = min(1.0, (step + 1) / warmup)
-    if decay_from is not None and step >= decay_from:
-        frac = (step - decay_from) / max(1, steps - decay_from)
-        factor *= 1 - (1 - final) * min(1.0, frac)
-    return factor

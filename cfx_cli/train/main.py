@@ -129,6 +129,27 @@ def train(cfg: DictConfig) -> dict:
     info = {"name": t.name, "command": command_line(), "seed": int(cfg.seed),
             "train": OmegaConf.to_container(t, resolve=True), "image_size": world.image_size,
             "shapes": list(world.shapes)}
+    if t.kind == "ldm":
+        from cfx_cli.train.latent import train_latent_diffusion
+
+        train_latent_diffusion(world, out, cfg.work_dir, ae_steps=t.ae_steps, steps=t.steps, batch_size=t.batch_size,
+                               lr=t.lr, ae_lr=t.ae_lr, ae_channels=tuple(t.ae_channels),
+                               latent_channels=t.latent_channels, kl_weight=t.kl_weight, channels=tuple(t.channels),
+                               context_dim=t.context_dim, label_dropout=t.label_dropout, ema_decay=t.ema_decay,
+                               decay_from=t.get("decay_from"), seed=cfg.seed, threads=cfg.threads,
+                               command=info["command"])
+        print(f"wrote {out}")
+        return info
+    if t.kind == "diffae":
+        from cfx_cli import ZOO_DIR
+        from cfx_cli.train.diffae import train_diffae
+
+        ddpm = t.ddpm if t.ddpm else str(ZOO_DIR / "synthetic_ddpm")
+        train_diffae(world, ddpm, out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                     unet_lr_scale=t.unet_lr_scale, z_dim=t.z_dim, width=t.width, ema_decay=t.ema_decay,
+                     decay_from=t.get("decay_from"), seed=cfg.seed, threads=cfg.threads, command=info["command"])
+        print(f"wrote {out}")
+        return info
     if t.kind == "ddpm":
         from cfx_cli.train.ddpm import train_ddpm
 
