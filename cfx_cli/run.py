@@ -173,6 +173,8 @@ def build(cfg: DictConfig, device: torch.device, model=None) -> dict:
     model = Counted(model.to(device), meter, "model")
     generative = instantiate(cfg.diffusion).to(device)
     check_resolution(dataset, generative)
+    if hasattr(generative, "set_class_names") and getattr(dataset, "classes", None):
+        generative.set_class_names(dataset.classes)  # a text-conditional model's prompts name the classes
     generative = Counted(generative, meter, "unet")
     sampler = build_sampler(cfg, generative)
     objective = build_objective(model, OmegaConf.to_container(cfg.target, resolve=True),

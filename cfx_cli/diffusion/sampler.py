@@ -25,12 +25,12 @@ from cfx_cli.errors import CfxError
 
 
 def respaced(schedule: NoiseSchedule, steps) -> NoiseSchedule:
-    """``schedule`` on the grid ``steps`` (an int, guided-diffusion's "10,15,20" or "ddimN"; None = all)."""
+    """``schedule`` on the grid ``steps`` (an int, guided-diffusion's "10,15,20", "ddimN", "ldmN"; None = all)."""
     full = schedule.num_timesteps
     if steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps == full):
         return schedule
     hint = (f"sampler.steps={steps!r} is not a grid of the model's {full} steps: use an int in 1..{full}, "
-            f"per-section counts such as \"10,15,20\", or \"ddimN\"")
+            f"per-section counts such as \"10,15,20\", \"ddimN\" or \"ldmN\"")
     if isinstance(steps, bool) or not isinstance(steps, (int, str)):
         raise CfxError(hint)
     if isinstance(steps, int) and not 0 < steps <= full:

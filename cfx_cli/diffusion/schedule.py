@@ -42,9 +42,15 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
     """Timesteps kept when respacing, in the convention of OpenAI's guided-diffusion.
 
     ``section_counts`` is an int, a comma-separated string of counts per equal
-    section (``"10,15,20"``), or ``"ddimN"`` for DDIM's evenly strided grid.
+    section (``"10,15,20"``), ``"ddimN"`` for DDIM's evenly strided grid, or ``"ldmN"`` for
+    CompVis LDM's (the same grid shifted by one: 1, 1 + T/N, ..., as LDCE samples).
     """
     if isinstance(section_counts, str):
+        if section_counts.startswith("ldm"):  # CompVis LDM's "uniform" DDIM grid: range(0, T, T // N) + 1
+            desired = int(section_counts[len("ldm"):])
+            if not 0 < desired <= num_timesteps:
+                raise ValueError(f"cannot create {desired} steps of {num_timesteps}")
+            return [t + 1 for t in range(0, num_timesteps, num_timesteps // desired)][:desired]
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])
             for stride in range(1, num_timesteps):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from cfx_cli.diffusion.schedule import NoiseSchedule
