@@ -73,7 +73,7 @@ class ClassificationObjective:
             return (self.logit(output) > 0).long()
         return output.argmax(1)
 
-    def target(self, output: Tensor) -> Tensor:
+    def target(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
         classes = 2 if self.head == "sigmoid" else output.shape[1]
         if self.mode == "class":
             if not 0 <= int(self.value) < classes:
@@ -180,15 +180,23 @@ class RegressionObjective:
 
     mode ``absolute``: y* = value; ``shift``: y* = ŷ + value; ``auto``: the far end
     of ``auto_values`` (low, high), as the regression-counterfactual paper does
-    (0.8 for low predictions, the low value otherwise). Success: |ŷ − y*| ≤ tolerance.
+    (0.8 for low predictions, the low value otherwise); ``label``: y* = label_values[label] from the
+    dataset's label (the paper's CelebA-HQ age task: 0.1 for label 0, 0.8 for label 1 = Young).
+    Success: |ŷ − y*| ≤ tolerance.
     """
 
     task = "regression"
 
     def __init__(self, mode: str = "auto", value=None, tolerance: float = 0.05, auto_values=(0.2, 0.8),
-                 clamp: bool = True):
-        if mode not in ("absolute", "shift", "auto"):
-            raise CfxError(f"target.mode={mode!r} is not a regression target; use absolute, shift or auto")
+                 clamp: bool = True, label_values=None):
+        if mode not in ("absolute", "shift", "auto", "label"):
+            raise CfxError(f"target.mode={mode!r} is not a regression target; use absolute, shift, auto or label")
+        if mode == "label":
+            if not label_values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                       for v in label_values):
+                raise CfxError(f"target.mode=label needs target.label_values=[y* for label 0, y* for label 1, ...] "
+                               f"(finite numbers; got {label_values!r})")
+        self.label_values = None if label_values is None else [float(v) for v in label_values]
         if mode in ("absolute", "shift") and value is None:
             raise CfxError(f"target.mode={mode} needs target.value=<number>")
         for key, v in (("value", value), ("tolerance", tolerance), *zip(("auto_values",) * 2, auto_values)):
@@ -203,8 +211,16 @@ class RegressionObjective:
     def prediction(self, output: Tensor) -> Tensor:
         return output
 
-    def target(self, output: Tensor) -> Tensor:
-        if self.mode == "absolute":
+    def target(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.mode == "label":
+            if labels is None:
+                raise CfxError("target.mode=label needs the dataset's labels (this input has none)")
+            labels = torch.as_tensor(labels).long().to(output.device).view(output.shape)
+            if ((labels < 0) | (labels >= len(self.label_values))).any():
+                raise CfxError(f"target.label_values has {len(self.label_values)} values but the labels are "
+                               f"{sorted(set(labels.flatten().tolist()))}")
+            y = torch.tensor(self.label_values, dtype=output.dtype, device=output.device)[labels]
+        elif self.mode == "absolute":
             y = torch.full_like(output, float(self.value))
         elif self.mode == "shift":
             y = output + float(self.value)
@@ -220,7 +236,7 @@ class RegressionObjective:
         return (output - target).abs() <= self.tolerance
 
 
-REGRESSION_ONLY = ("tolerance", "auto_values", "clamp")  # target keys that only regression reads
+REGRESSION_ONLY = ("tolerance", "auto_values", "clamp", "label_values")  # target keys that only regression reads
 CLASSIFICATION_ONLY = ("table",)  # target keys that only classification reads
 
 

@@ -207,12 +207,14 @@ class BatchExplanation:
     result: CFResult      # the method's own output (extras: masks, pre-explanations; info)
 
 
-def explain_batch(parts: dict, x: Tensor, indices, seed: int, device) -> BatchExplanation:
-    """Target, counterfactuals, judgement and cost of one batch: the one code path of every method."""
+def explain_batch(parts: dict, x: Tensor, indices, seed: int, device, labels: Tensor | None = None
+                  ) -> BatchExplanation:
+    """Target, counterfactuals, judgement and cost of one batch: the one code path of every method.
+    ``labels``: the dataset's, for targets chosen from them (target=young_old)."""
     model, objective, method, meter = parts["model"], parts["objective"], parts["method"], parts["meter"]
     with torch.no_grad():
         out = model(x)
-        pred, target = objective.prediction(out), objective.target(out)
+        pred, target = objective.prediction(out), objective.target(out, labels)
     meter.start(len(x))
     try:
         result = method.explain(x, target, SampleRNG(seed, indices, device, meter=meter))
@@ -518,7 +520,7 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
             x = batch["x"].to(device)
             t0 = time.time()
             with PeakMemory(device) as peak:
-                res = explain_batch(parts, x, batch["index"], cfg.seed, device)
+                res = explain_batch(parts, x, batch["index"], cfg.seed, device, labels=batch.get("label"))
             pred, target, cf_pred, success, failed, x_cf = (res.pred, res.target, res.cf_pred, res.success, res.failed,
                                                             res.x_cf)
             result, cost = res.result, res.cost
