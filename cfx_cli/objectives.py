@@ -249,6 +249,12 @@ def build_objective(model, target_cfg: dict, query: int | None = None):
     if model.task == "classification":
         for k in REGRESSION_ONLY:
             cfg.pop(k, None)
+        outputs = (getattr(model, "info", None) or {}).get("output_attributes")
+        if outputs and cfg_query is None and query is not None:  # the dataset's attribute → this model's output
+            if int(query) not in outputs:
+                raise CfxError(f"the dataset's query attribute {query} is not an output of this classifier "
+                               f"(its outputs are CelebA attributes {outputs}): choose dataset.query among them")
+            query = outputs.index(int(query))
         return ClassificationObjective(mode="flip" if mode == "auto" else mode, head=getattr(model, "head", "softmax"),
                                        query=query if cfg_query is None else cfg_query,
                                        num_outputs=getattr(model, "num_classes", None), **cfg)

@@ -21,6 +21,10 @@ def load_state_dict(path: str | Path, key: str = "weights", source: str = "") ->
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    if path.suffix == ".ckpt":  # Lightning: trainer objects beside the weights, read as inert stand-ins
+        from cfx_cli.models.lightning import read_state_dict
+
+        return read_state_dict(path, key=key)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an arbitrary pickle is refused by weights_only

@@ -31,8 +31,8 @@ from cfx_cli.models.checkpoints import load_state_dict
 from cfx_cli.models.explained import ExplainedModel
 from cfx_cli.models.torchvision_arch import build, densenet121
 
-__all__ = ["celeba_densenet", "dime_oracle", "torchvision_classifier", "DimeOracleNet", "Resnet50_128",
-           "read_layout", "CELEBA_ATTRIBUTES"]
+__all__ = ["celeba_densenet", "dime_oracle", "torchvision_classifier", "dcfir_regressor", "DimeOracleNet",
+           "Resnet50_128", "read_layout", "CELEBA_ATTRIBUTES"]
 
 # The 40 CelebA attributes in list_attr_celeba.txt order (the classifier's and the oracle's outputs).
 CELEBA_ATTRIBUTES = ATTRIBUTE_NAMES
@@ -151,7 +151,7 @@ class _Resized(nn.Module):
 
 # ------------------------------------------------------------------------ DiVE/DiME CelebA classifier
 def celeba_densenet(path: str, key: str = "classifier.path", name: str | None = None, num_classes: int = 40,
-                    input_size: int = 128) -> ExplainedModel:
+                    input_size: int = 128, output_attributes: list[int] | None = None) -> ExplainedModel:
     """DiVE's CelebA DenseNet-121 as DiME, ACE and FastDiME use it (``classifier.pth``).
 
     File: ``torch.save({'feat_extract': DenseNet121().state_dict(), 'classifier': Linear(1024, 40)
@@ -161,16 +161,86 @@ def celeba_densenet(path: str, key: str = "classifier.path", name: str | None = 
     STEEX's DecisionDensenetModel (``checkpoint.tar``, under ``model_state_dict``) with num_classes=3,
     input_size=256. The image goes in as [-1, 1] (no ImageNet normalisation); outputs are the
     ``num_classes`` attribute logits (sigmoid head; the objective picks the query attribute).
+    ``output_attributes``: the CelebA attribute index of each output when there are fewer than 40
+    (STEEX: [20, 31, 39] = Male, Smiling, Young), so dataset.query=smile picks output 1.
     """
+    if output_attributes is not None and len(output_attributes) != num_classes:
+        raise CfxError(f"classifier.output_attributes has {len(output_attributes)} entries for {num_classes} "
+                       f"outputs: give one CelebA attribute index per output")
     net = densenet121(num_classes=num_classes)
     fmt = (f"DiVE/DiME CelebA DenseNet-121 {{'feat_extract': densenet121 features, 'classifier': "
            f"Linear(1024, {num_classes})}}")
     _load(net, read_layout(path, net, fmt, key=key, groups=("features.", "classifier."),
                            source="DiME's classifier.pth, huggingface.co/guillaumejs2403/DiME"))
     info = {"name": name, "format": "dive_densenet121", "arch": "densenet121", "input_size": input_size,
-            "attributes": list(CELEBA_ATTRIBUTES) if num_classes == 40 else None}
+            "attributes": list(CELEBA_ATTRIBUTES) if num_classes == 40 else None,
+            "output_attributes": None if output_attributes is None else [int(a) for a in output_attributes]}
     return ExplainedModel(net, "classification", input_size=input_size, normalize="none",
                           num_classes=num_classes, info=info, head="sigmoid")
+
+
+class _FromSigned(nn.Module):
+    """The regression paper's input convention: a [0, 1] image, then its ``Normalizer`` (x − μ) / σ."""
+
+    def __init__(self, net: nn.Module, mu: Tensor, sigma: Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mu", mu.reshape(1, -1, 1, 1).float())
+        self.register_buffer("sigma", sigma.reshape(1, -1, 1, 1).float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(((x + 1) / 2 - self.mu) / self.sigma)
+
+
+def dcfir_regressor(path: str, arch: str = "densenet121", key: str = "regressor.path", name: str | None = None,
+                    input_size: int | None = None) -> ExplainedModel:
+    """The regression paper's regressors (Ha & Bender 2025), Lightning checkpoints (``last.ckpt``):
+
+    - ``densenet121``: the CelebA-HQ age regressor (and its oracle) — STEEX's DenseNet-121 features with a
+      Linear(1024, 1) head, trained on imdb-clean ages / 100: ``model.classifier.0.feat_extract.features.*``,
+      ``model.classifier.1.*`` and its Normalizer's ``model.mu`` / ``model.sigma`` (0.5: [0, 1] → [-1, 1]);
+      256×256 input;
+    - ``resnet18_small``: the 64×64 squares regressor — torchvision ResNet-18 with conv1 = Conv2d(3, 64, 4, 1, 2),
+      fc = Linear(512, 1), ``model.*``, on [0, 1] images (no normalisation).
+    """
+    flat = _open(path, key, "the regression paper's release (regressors/.../last.ckpt)")
+    if arch == "densenet121":
+        net = densenet121(num_classes=1)
+        rename = {"model.classifier.0.feat_extract.features.": "features.", "model.classifier.1.": "classifier."}
+        input_size = input_size or 256
+    elif arch == "resnet18_small":
+        net = build("resnet18", num_classes=1)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=4, stride=1, padding=2, bias=False)
+        rename = {"model.": ""}
+        input_size = input_size or 64
+    else:
+        raise CfxError(f"regressor.arch={arch!r} is unknown; use densenet121 (CelebA-HQ age) or resnet18_small (squares)")
+    state = {}
+    for k, v in flat.items():
+        for old, new in rename.items():
+            if k.startswith(old) and k not in ("model.mu", "model.sigma"):
+                state[new + k[len(old):]] = v
+                break
+    want = net.state_dict()
+    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in want]
+    if missing or unexpected:
+        raise CfxError(f"{key}={path} is not the regression paper's {arch} regressor: "
+                       + "; ".join(s for s in (f"{len(missing)} keys missing (first: {missing[0]})" if missing else "",
+                                               f"{len(unexpected)} unexpected (first: {unexpected[0]})"
+                                               if unexpected else "") if s))
+    bad = next((k for k in state if tuple(state[k].shape) != tuple(want[k].shape)), None)
+    if bad:
+        raise CfxError(f"{key}={path}: {bad} has shape {list(state[bad].shape)}, expected {list(want[bad].shape)} "
+                       f"(regressor.arch={arch})")
+    for k, v in want.items():
+        state.setdefault(k, v)
+    _load(net, {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    mu = flat.get("model.mu", torch.zeros(3)) if arch == "densenet121" else torch.zeros(3)
+    sigma = flat.get("model.sigma", torch.ones(3)) if arch == "densenet121" else torch.ones(3)
+    info = {"name": name, "format": f"dcfir_{arch}", "arch": arch, "input_size": input_size}
+    return ExplainedModel(_FromSigned(net, mu, sigma).eval(), "regression", input_size=input_size,
+                          normalize="none", info=info)
 
 
 # ---------------------------------------------------------------------------------- DiME CelebA oracle
