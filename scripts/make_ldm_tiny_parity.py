@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--ldm", required=True, help="a checkout of CompVis/latent-diffusion")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    sys.path[:0] = [args.ldm, str(Path(__file__).resolve().parents[2])]
+    sys.path[:0] = [args.ldm, str(Path(__file__).resolve().parents[1] / "tests")]
     from ldm.modules.diffusionmodules.model import Decoder, Encoder
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
