@@ -89,6 +89,6 @@ def test_debug_fast_has_a_short_setting_for_every_method(compose, method):
     and it shortens the job (fewer guided steps or iterations than the method's own config)."""
     assert (CONF_DIR / "debug_method" / f"fast_{method}.yaml").exists()
     full, fast = compose([f"method={method}"]), compose([f"method={method}", "debug=fast"])
-    shorter = [k for k in ("tau", "iterations", "start", "augmentations")
+    shorter = [k for k in ("tau", "iterations", "start", "augmentations", "strength")
                if k in fast.method and fast.method[k] < full.method[k]]
     assert shorter and fast.dataset.num_images == 4

@@ -31,8 +31,8 @@ class DiffAECounterfactual:
     name = "diffae"
 
     def __init__(self, sampler, model, objective, lr=0.002, iterations=200, lambda_z=0.0, inversion_steps=20,
-                 classifier_loss="ce", name="diffae"):
-        gen = sampler.model
+                 classifier_loss="ce"):
+        gen, name = sampler.model, self.name
         if not hasattr(gen, "semantic"):
             raise CfxError(f"method={name} optimises a Diffusion Autoencoder's semantic code: use "
                            f"diffusion=synthetic_diffae or diffusion=diffae_ffhq256")
@@ -41,7 +41,7 @@ class DiffAECounterfactual:
         check_finite(lr=lr, lambda_z=lambda_z)
         if float(lr) <= 0 or int(iterations) < 1:
             raise CfxError(f"method.lr={lr} and method.iterations={iterations} must be positive")
-        self.sampler, self.model, self.objective, self.name = sampler, model, objective, name
+        self.sampler, self.model, self.objective = sampler, model, objective
         self.inverter = DDIMSampler(gen, steps=int(inversion_steps))
         self.lr, self.iterations, self.lambda_z = float(lr), int(iterations), float(lambda_z)
         self.classifier_loss = classifier_loss
@@ -90,3 +90,9 @@ class DiffAECounterfactual:
         return CFResult(x_cf=x_cf, extras={"reconstruction": x_rec},
                         info={"iterations": iters, "z_l1": (z_final - z_sem).abs().flatten(1).sum(1),
                               "reconstruction_l1": (x_rec - x).abs().flatten(1).mean(1) / 2})
+
+
+class DiffAERE(DiffAECounterfactual):
+    """Diff-AE-RE: the same optimiser, named as the regression paper's method (``method=diffae_re``)."""
+
+    name = "diffae_re"

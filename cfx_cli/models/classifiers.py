@@ -145,7 +145,11 @@ class _Resized(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
+            if self.mode == "center_crop":  # LDCE's ImageNet classifier input: center_crop(224) of the 256 image
+                top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+                x = x[..., top:top + self.size, left:left + self.size]
+            else:
+                x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
         return self.net(x)
 
 
@@ -346,11 +350,12 @@ def torchvision_classifier(arch: str, path: str, num_classes: int = 1000, normal
 
     ``normalize``: ``imagenet`` maps [-1, 1] to torchvision's mean/std input; ``zero_one`` to [0, 1];
     ``none`` passes [-1, 1]. ``input_size``: resize first — ``bilinear`` (ExplainedModel's: antialiased
-    when shrinking) or ``bicubic`` (no antialiasing: DVCE's 256→224 torchvision-0.10 tensor Resize).
+    when shrinking), ``bicubic`` (no antialiasing: DVCE's 256→224 torchvision-0.10 tensor Resize) or
+    ``center_crop`` (no resize: the central input_size square, LDCE's ImageNet classifier input).
     ``temperature``: logits / T.
     """
-    if interpolation not in ("bilinear", "bicubic"):
-        raise CfxError(f"classifier.interpolation={interpolation!r} is unknown; use bilinear or bicubic")
+    if interpolation not in ("bilinear", "bicubic", "center_crop"):
+        raise CfxError(f"classifier.interpolation={interpolation!r} is unknown; use bilinear, bicubic or center_crop")
     if temperature is not None and not float(temperature) > 0:
         raise CfxError(f"classifier.temperature={temperature} must be a positive number (or null)")
     net = build(arch, num_classes)

@@ -174,14 +174,16 @@ def _from_pretrained(cls, folder: Path, key: str, path):
 
 def load_latent_diffusion(path: str | Path, key: str = "diffusion.path", name: str | None = None,
                           prompt: str = "a photo of a {}.", class_prompts: list[str] | None = None,
-                          sample_posterior: bool = False, num_classes: int = 1000) -> LatentDiffusion:
+                          sample_posterior: bool = False, num_classes: int = 1000, unet_config: dict | None = None,
+                          vq_config: dict | None = None) -> LatentDiffusion:
     """A latent diffusion model, offline:
 
     - a folder in diffusers layout — ``vae/`` (AutoencoderKL or VQModel), ``unet/``
       (UNet2DConditionModel), ``scheduler/`` and either ``class_embedder/`` (``model.safetensors``
       with ``weight`` + ``config.json``; written by ``cfx train synthetic_ldm``) or ``text_encoder/`` +
       ``tokenizer/`` (a Stable-Diffusion-family folder);
-    - or CompVis LDM's class-conditional Lightning checkpoint (``cin256-v2.ckpt``), converted on load.
+    - or CompVis LDM's class-conditional Lightning checkpoint (``cin256-v2.ckpt``), converted on load
+      (``unet_config`` / ``vq_config``: the diffusers configs of another model of that family; default cin256-v2's).
     """
     path = Path(path)
     if not path.exists():
@@ -190,7 +192,8 @@ def load_latent_diffusion(path: str | Path, key: str = "diffusion.path", name: s
     if path.is_file():
         from cfx_cli.models.ldm_checkpoint import load_ldm_checkpoint
 
-        parts = load_ldm_checkpoint(path, key=key, num_classes=num_classes)
+        parts = load_ldm_checkpoint(path, key=key, num_classes=num_classes, unet_config=unet_config,
+                                    vq_config=vq_config)
         sc = parts["schedule"]
         schedule = NoiseSchedule.from_config(sc["beta_schedule"], sc["num_train_timesteps"],
                                              beta_start=sc["beta_start"], beta_end=sc["beta_end"])
