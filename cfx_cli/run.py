@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from torch import Tensor
+from torch import Tensor, nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -175,6 +175,8 @@ def build(cfg: DictConfig, device: torch.device, model=None) -> dict:
     check_resolution(dataset, generative)
     if hasattr(generative, "set_class_names") and getattr(dataset, "classes", None):
         generative.set_class_names(dataset.classes)  # a text-conditional model's prompts name the classes
+    if isinstance(getattr(generative, "decoder", None), nn.Module):  # a latent model's decoder: nfe_decoder
+        generative.decoder = Counted(generative.decoder, meter, "decoder")
     generative = Counted(generative, meter, "unet")
     sampler = build_sampler(cfg, generative)
     objective = build_objective(model, OmegaConf.to_container(cfg.target, resolve=True),

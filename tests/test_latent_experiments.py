@@ -89,6 +89,8 @@ def test_ldce_imagenet_cls(tmp_path, compose, files):
     # t_enc = floor(0.382 · 20) = 7 steps; each: ε_u and ε_c in one call (2 evaluations), two backward passes
     assert (s["nfe_unet"] == 7 * 2).all() and (s["nfe_unet_backward"] == 7 * 2 * 2).all()
     assert (s["nfe_model"] == 7).all() and s["consensus_kept"].between(0, 1).all()
+    # the decoder: once per step with two backward passes (classifier, distance), once for the output
+    assert (s["nfe_decoder"] == 7 + 1).all() and (s["nfe_decoder_backward"] == 7 * 2).all()
     table = {r.source: r.target for r in __import__("pandas").read_csv(
         __import__("cfx_cli").__path__[0] + "/data/imagenet_targets.csv").itertuples()}
     assert all(table[p] == t for p, t in zip(s["pred"], s["target"]))

@@ -88,6 +88,20 @@ class TextConditioner(nn.Module):
         return torch.stack([self.embed(int(i)) for i in y])
 
 
+class Decoder(nn.Module):
+    """x = D(z / scale): the autoencoder's decoder as a module of its own, so that a job counts its
+    calls (``nfe_decoder``: LDCE decodes, with gradients, at every step)."""
+
+    def __init__(self, vae: nn.Module, scale_factor: float, vq: bool):
+        super().__init__()
+        self.vae, self.scale_factor, self.vq = vae, float(scale_factor), vq
+
+    def forward(self, z: Tensor) -> Tensor:
+        z = z / self.scale_factor
+        out = self.vae.decode(z, force_not_quantize=False) if self.vq else self.vae.decode(z)
+        return out.sample
+
+
 class LatentDiffusion(nn.Module):
     """An autoencoder + an ε-predicting conditional UNet on its latents."""
 
@@ -104,6 +118,7 @@ class LatentDiffusion(nn.Module):
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = int(image_size or unet.config.sample_size * down)
         self.channels = 3
+        self.decoder = Decoder(vae, self.scale_factor, self.vq)
         self.sample_posterior = bool(sample_posterior)
 
     @property
@@ -130,9 +145,7 @@ class LatentDiffusion(nn.Module):
         return z * self.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
-        z = z / self.scale_factor
-        out = self.vae.decode(z, force_not_quantize=False) if self.vq else self.vae.decode(z)
-        return out.sample
+        return self.decoder(z)
 
     def forward(self, z_t: Tensor, t: Tensor, cond=None) -> Tensor:
         if cond is None:
