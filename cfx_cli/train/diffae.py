@@ -1,7 +1,7 @@
 """Train the synthetic benchmark's Diffusion Autoencoder, starting from the shipped pixel DDPM.
 
 The DDPM's UNet gets an "identity" class embedding (a vector added to its time embedding) fed by
-``SemanticEncoder.to_emb(z_sem)``, zero-initialised: step 0 is exactly the unconditional DDPM, and
+``SemanticEncoder.to_emb(z_sem)``, initialised small: step 0 is nearly the unconditional DDPM, and
 the usual ε-loss with z_sem = encoder(x_0) teaches the encoder to carry what the noise destroys
 (Diff-AE's training, Preechakul et al. 2022). The UNet is fine-tuned at a lower rate than the encoder.
 """
@@ -30,7 +30,7 @@ def conditioned_unet(ddpm_dir: str | Path):
 
 
 def train_diffae(world: SyntheticWorld, ddpm_dir: str | Path, out_dir: str | Path, work_dir: str | Path,
-                 steps: int = 1200, batch_size: int = 32, lr: float = 4e-4, unet_lr_scale: float = 0.25,
+                 steps: int = 1500, batch_size: int = 32, lr: float = 4e-4, unet_lr_scale: float = 1.0,
                  z_dim: int = 64, width: int = 32, ema_decay: float = 0.999, decay_from: int | None = None,
                  seed: int = 0, threads: int | None = None, command: str = "") -> Path:
     from diffusers import DDPMScheduler
