@@ -251,7 +251,8 @@ def doctor(cfg: DictConfig, device: str | torch.device | None = None) -> list[Ch
         objective = build_objective(model, OmegaConf.to_container(cfg.target, resolve=True),
                                     query=getattr(dataset, "query_index", None))
         out = model_out["out"]
-        pred, target = objective.prediction(out), objective.target(out)
+        labels = batch.get("label") if batch is not None else None
+        pred, target = objective.prediction(out), objective.target(out, labels)
         p, t = pred.flatten()[0].item(), target.flatten()[0].item()
         fmt = (lambda v: f"{v:.3g}") if model.task == "regression" else (lambda v: f"{int(v)}")
         return objective, f"mode={cfg.target.mode}: prediction {fmt(p)} -> target {fmt(t)} on that image"
