@@ -1,8 +1,8 @@
-"""`cfx run | train | aggregate`: a small dispatcher in front of Hydra.
+"""`cfx run | train | aggregate | evaluate ...`: a small dispatcher in front of Hydra.
 
 `cfx run ARGS` is exactly a Hydra application (`--cfg job`, `--help`, `-m`,
 launchers, overrides), as is `cfx train WHAT ARGS`; `cfx aggregate` is a plain
-argparse command.
+argparse command, `cfx evaluate JOB [overrides]` takes Hydra overrides of conf/evaluate/default.yaml.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ commands:
                                         synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
                                         synthetic_oracle)
   aggregate  PATH... [--by KEY...]      job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
+  evaluate   JOB [overrides...]         add or recompute metrics (fid, sfid, kid, cout, mnac, cd) on a finished
+                                        job from its saved images (settings: conf/evaluate/default.yaml)
   calibrate  [overrides...] --values V... [--rate R] [--images N]
                                         the smallest guidance strength reaching a flip rate on a few images
   doctor     [overrides...]             before a long job: every file it needs, and whether each part loads
@@ -27,6 +29,7 @@ examples:
   cfx run method=fastdime regressor=synthetic_size target=absolute target.value=0.8
   cfx run -m method=dime,fastdime seed=0,1 hydra/launcher=joblib
   cfx aggregate outputs/multirun
+  cfx evaluate outputs/runs/fastdime-synthetic/<date> metrics=[fid,sfid,kid,cout]
 """
 
 TRAIN_USAGE = """usage: cfx train WHAT [overrides...]
@@ -159,8 +162,12 @@ def _main(argv: list[str] | None = None) -> None:
         from cfx_cli.aggregate import main as aggregate_main
 
         aggregate_main(rest)
+    elif cmd == "evaluate":
+        from cfx_cli.evaluate import main as evaluate_main
+
+        evaluate_main(rest)
     else:
-        print(f"cfx: error: unknown command {cmd!r}; use run, train, aggregate, calibrate or doctor (cfx --help)", file=sys.stderr)
+        print(f"cfx: error: unknown command {cmd!r}; use run, train, aggregate, evaluate, calibrate or doctor (cfx --help)", file=sys.stderr)
         sys.exit(2)
 
 

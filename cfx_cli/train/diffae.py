@@ -32,7 +32,8 @@ def conditioned_unet(ddpm_dir: str | Path):
 def train_diffae(world: SyntheticWorld, ddpm_dir: str | Path, out_dir: str | Path, work_dir: str | Path,
                  steps: int = 1500, batch_size: int = 32, lr: float = 4e-4, unet_lr_scale: float = 1.0,
                  z_dim: int = 64, width: int = 32, ema_decay: float = 0.999, decay_from: int | None = None,
-                 seed: int = 0, threads: int | None = None, command: str = "") -> Path:
+                 min_snr_gamma: float | None = 5.0, seed: int = 0, threads: int | None = None,
+                 command: str = "") -> Path:
     from diffusers import DDPMScheduler
 
     from cfx_cli.models.generative import load_diffusers_ddpm
@@ -49,11 +50,17 @@ def train_diffae(world: SyntheticWorld, ddpm_dir: str | Path, out_dir: str | Pat
     trainer = Trainer({"unet": unet, "encoder": encoder}, work_dir, steps, lr=lr, decay_from=decay_from,
                       ema_decay=ema_decay, lr_scale={"unet": unet_lr_scale}, desc="train diffae")
 
+    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+    # Min-SNR-γ weighting (Hang et al. 2023): the low-noise steps, which the DDPM already solves without z,
+    # weigh less, so the loss rewards what z carries (with plain ε-MSE z stayed unused in 900 steps)
+    weight = (snr.clamp(max=min_snr_gamma) / snr).float() if min_snr_gamma else torch.ones_like(snr).float()
+
     def loss(step, rng):
         x0 = images(rng)
         noise, t = step_noise(rng, x0.shape, schedule.num_timesteps)
         cond = encoder.to_emb(encoder(x0))
-        return torch.nn.functional.mse_loss(unet(schedule.q_sample(x0, t, noise), t, class_labels=cond).sample, noise)
+        err = (unet(schedule.q_sample(x0, t, noise), t, class_labels=cond).sample - noise).pow(2).mean((1, 2, 3))
+        return (weight[t] * err).mean()
 
     def export(ema, step):
         ema["unet"].save_pretrained(out_dir / "unet", safe_serialization=True)
@@ -64,7 +71,8 @@ def train_diffae(world: SyntheticWorld, ddpm_dir: str | Path, out_dir: str | Pat
         (out_dir / "encoder" / "config.json").write_text(json.dumps(ema["encoder"].config, indent=1))
         (out_dir / "train_info.json").write_text(json.dumps(
             {"command": command, "steps": step, "batch_size": batch_size, "lr": lr, "unet_lr_scale": unet_lr_scale,
-             "ema_decay": ema_decay, "seed": seed, "initialised_from": str(ddpm_dir), "z_dim": z_dim,
+             "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "seed": seed,
+             "initialised_from": str(ddpm_dir), "z_dim": z_dim,
              "shapes": list(world.shapes), "image_size": world.image_size}, indent=1))
 
     trainer.run(loss, export, seed=seed)

@@ -147,7 +147,8 @@ def train(cfg: DictConfig) -> dict:
         ddpm = t.ddpm if t.ddpm else str(ZOO_DIR / "synthetic_ddpm")
         train_diffae(world, ddpm, out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
                      unet_lr_scale=t.unet_lr_scale, z_dim=t.z_dim, width=t.width, ema_decay=t.ema_decay,
-                     decay_from=t.get("decay_from"), seed=cfg.seed, threads=cfg.threads, command=info["command"])
+                     decay_from=t.get("decay_from"), min_snr_gamma=t.get("min_snr_gamma"), seed=cfg.seed,
+                     threads=cfg.threads, command=info["command"])
         print(f"wrote {out}")
         return info
     if t.kind == "ddpm":
