@@ -172,6 +172,29 @@ def _read_partition(path: Path, root) -> pd.Series:
                        f"'filename partition' rows (0 train, 1 val, 2 test)") from None
 
 
+
+def attribute_options(ds, root, split, query, image_size, num_images, name: str, layout: str, example: str,
+                      size_hint: str):
+    """The options CelebA and CelebA-HQ share, checked before the slow part: root, split, the queried
+    attribute (and the two classes it makes), image size; sets them on ``ds`` and returns num_images."""
+    if root is None or str(root).strip() in ("", "???"):
+        raise CfxError(f"dataset.root is not set: {layout} (e.g. dataset.root={example})")
+    ds.root = Path(str(root)).expanduser()
+    if not ds.root.is_dir():
+        raise CfxError(f"dataset.root={root} is not a folder: {layout}")
+    ds.name = name
+    key = str(split).strip().lower()
+    key = {"0": "train", "1": "val", "2": "test"}.get(key, SPLIT_ALIASES.get(key, key))
+    if key not in SPLITS:
+        raise CfxError(f"dataset.split={split!r} is unknown; use train, val (or valid, validation), test or all")
+    ds.split = key
+    ds.query_index = resolve_query(query)
+    ds.query_name = ATTRIBUTE_NAMES[ds.query_index]
+    ds.attribute_names = list(ATTRIBUTE_NAMES)
+    ds.classes = [f"not {ds.query_name}", ds.query_name]
+    ds.image_size = positive_int("image_size", image_size, size_hint)
+    return None if num_images is None else positive_int("num_images", num_images, "or null for all images")
+
 class CelebADataset:
     """One split (or the mini-val draw) of CelebA, labelled by one of the 40 attributes.
 
@@ -187,26 +210,8 @@ class CelebADataset:
         if unknown:
             raise CfxError(f"dataset.{sorted(unknown)[0]} is not a celeba option; use root, split, query, "
                            f"image_size, num_images, subset, subset_size, subset_seed")
-        if root is None or str(root).strip() in ("", "???"):
-            raise CfxError(f"dataset.root is not set: {_LAYOUT} (e.g. dataset.root=/data/celeba)")
-        self.root = Path(str(root)).expanduser()
-        if not self.root.is_dir():
-            raise CfxError(f"dataset.root={root} is not a folder: {_LAYOUT}")
-        self.name = name
-
-        # ---- options (checked before the slow part)
-        key = str(split).strip().lower()
-        key = {"0": "train", "1": "val", "2": "test"}.get(key, SPLIT_ALIASES.get(key, key))
-        if key not in SPLITS:
-            raise CfxError(f"dataset.split={split!r} is unknown; use train, val (or valid, validation), test or all")
-        self.split = key
-        self.query_index = resolve_query(query)
-        self.query_name = ATTRIBUTE_NAMES[self.query_index]
-        self.attribute_names = list(ATTRIBUTE_NAMES)
-        self.classes = [f"not {self.query_name}", self.query_name]
-        self.image_size = positive_int("image_size", image_size, "128 for the papers' models")
-        if num_images is not None:
-            num_images = positive_int("num_images", num_images, "or null for all images")
+        num_images = attribute_options(self, root, split, query, image_size, num_images, name, _LAYOUT,
+                                       "/data/celeba", "128 for the papers' models")
         subset_key = None if subset is None else str(subset).strip().lower()
         if subset_key in ("", "none", "null"):
             subset_key = None

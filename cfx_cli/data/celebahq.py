@@ -27,9 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cfx_cli.data.celeba import (ATTRIBUTE_NAMES, SPLIT_ALIASES, SPLITS, _read_attributes, _read_partition,
-                                 resize_center_crop, resolve_query)
-from cfx_cli.data.images import open_rgb, positive_int, to_tensor
+from cfx_cli.data.celeba import SPLITS, _read_attributes, _read_partition, attribute_options, resize_center_crop
+from cfx_cli.data.images import open_rgb, to_tensor
 from cfx_cli.errors import CfxError
 
 _LAYOUT = ("point dataset.root to CelebAMask-HQ's folder: CelebA-HQ-img/, CelebAMask-HQ-attribute-anno.txt, "
@@ -74,24 +73,8 @@ class CelebAHQDataset:
         if unknown:
             raise CfxError(f"dataset.{sorted(unknown)[0]} is not a celebahq option; use root, split, query, "
                            f"image_size, num_images")
-        if root is None or str(root).strip() in ("", "???"):
-            raise CfxError(f"dataset.root is not set: {_LAYOUT} (e.g. dataset.root=/data/CelebAMask-HQ)")
-        self.root = Path(str(root)).expanduser()
-        if not self.root.is_dir():
-            raise CfxError(f"dataset.root={root} is not a folder: {_LAYOUT}")
-        self.name = name
-        key = str(split).strip().lower()
-        key = {"0": "train", "1": "val", "2": "test"}.get(key, SPLIT_ALIASES.get(key, key))
-        if key not in SPLITS:
-            raise CfxError(f"dataset.split={split!r} is unknown; use train, val, test (the papers') or all")
-        self.split = key
-        self.query_index = resolve_query(query)
-        self.query_name = ATTRIBUTE_NAMES[self.query_index]
-        self.attribute_names = list(ATTRIBUTE_NAMES)
-        self.classes = [f"not {self.query_name}", self.query_name]
-        self.image_size = positive_int("image_size", image_size, "256 for the papers' models")
-        if num_images is not None:
-            num_images = positive_int("num_images", num_images, "or null for all images")
+        num_images = attribute_options(self, root, split, query, image_size, num_images, name, _LAYOUT,
+                                       "/data/CelebAMask-HQ", "256 for the papers' models")
 
         attr_path = self.root / "CelebAMask-HQ-attribute-anno.txt"
         map_path = self.root / "CelebA-HQ-to-CelebA-mapping.txt"

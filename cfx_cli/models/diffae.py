@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from cfx_cli.diffusion.schedule import NoiseSchedule
 from cfx_cli.errors import CfxError
+from cfx_cli.models.generative import PixelSpace
 
 
 class SemanticEncoder(nn.Module):
@@ -47,7 +48,7 @@ class SemanticEncoder(nn.Module):
         return self.head(self.features(x))
 
 
-class DiffAE(nn.Module):
+class DiffAE(PixelSpace, nn.Module):
     """A Diff-AE as a pixel generative model whose condition is z_sem.
 
     ``semantic(x)`` is the encoder; ``forward(x_t, t, cond=z_sem)`` the conditioned ε. The diffused
@@ -63,16 +64,6 @@ class DiffAE(nn.Module):
         super().__init__()
         self.unet, self.encoder, self.schedule, self.kind = unet, encoder, schedule, kind
         self.image_size, self.channels, self.clip_denoised = int(image_size), int(channels), bool(clip_denoised)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return x
-
-    def decode(self, z: Tensor) -> Tensor:
-        return z
 
     def semantic(self, x: Tensor) -> Tensor:
         """z_sem of images in [-1, 1]."""

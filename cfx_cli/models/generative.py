@@ -30,7 +30,24 @@ from cfx_cli.errors import CfxError
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
-class PixelDiffusion(nn.Module):
+class PixelSpace:
+    """Generative models that diffuse the image itself: z = x (encode/decode are identities)."""
+
+    image_size: int | None
+    channels: int
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+
+class PixelDiffusion(PixelSpace, nn.Module):
     """An ε-predicting UNet on images: z = x. ``unet(x, t[, y])`` may return a tensor (ADM) or a
     diffusers output (``.sample``)."""
 
@@ -51,16 +68,6 @@ class PixelDiffusion(nn.Module):
         self.class_conditional = class_conditional
         self.compile = bool(compile)
         self._compiled = {}  # the torch.compile'd network, built on first use (kept out of the state dict)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return x
-
-    def decode(self, z: Tensor) -> Tensor:
-        return z
 
     def forward(self, z_t: Tensor, t: Tensor, cond=None) -> Tensor:
         if cond is not None and not self.class_conditional:
