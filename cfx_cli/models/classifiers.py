@@ -31,7 +31,8 @@ from cfx_cli.models.checkpoints import load_state_dict
 from cfx_cli.models.explained import ExplainedModel
 from cfx_cli.models.torchvision_arch import build, densenet121
 
-__all__ = ["celeba_densenet", "dime_oracle", "torchvision_classifier", "dcfir_regressor", "DimeOracleNet",
+__all__ = ["celeba_densenet", "dime_oracle", "torchvision_classifier", "timm_classifier", "dcfir_regressor",
+           "DimeOracleNet",
            "Resnet50_128", "read_layout", "CELEBA_ATTRIBUTES"]
 
 # The 40 CelebA attributes in list_attr_celeba.txt order (the classifier's and the oracle's outputs).
@@ -369,3 +370,43 @@ def torchvision_classifier(arch: str, path: str, num_classes: int = 1000, normal
             "temperature": temperature, "interpolation": interpolation}
     return ExplainedModel(out, task, input_size=size, normalize=normalize,
                           num_classes=num_classes if task == "classification" else None, info=info, head=head)
+
+
+class _MeanStd(nn.Module):
+    """[-1, 1] → the model's own input normalisation ((x01 − mean) / std, timm's pretrained_cfg)."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(((x + 1) / 2 - self.mean) / self.std)
+
+
+def timm_classifier(arch: str, path: str, num_classes: int = 1000, normalize: str = "timm",
+                    input_size: int | None = None, head: str = "softmax", key: str = "classifier.path",
+                    name: str | None = None, task: str = "classification") -> ExplainedModel:
+    """Any timm architecture (``timm.create_model(arch, num_classes=...)``, no download) with weights from a
+    local file (safetensors, or a torch state dict read weights-only; ``module.`` prefixes are fine).
+    ``normalize``: ``timm`` uses the architecture's own mean/std (its pretrained_cfg), or imagenet |
+    zero_one | none as for torchvision models. ``input_size``: resize first (null: the images as they are)."""
+    try:
+        import timm
+    except ImportError:
+        raise CfxError(f"classifier=timm needs timm: pip install timm (classifier.arch={arch})") from None
+    try:
+        net = timm.create_model(arch, pretrained=False, num_classes=int(num_classes))
+    except Exception as e:  # noqa: BLE001 - an unknown architecture: name it
+        raise CfxError(f"classifier.arch={arch!r} is not a timm model ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:120] if str(e) else ''}); see timm.list_models()") from None
+    _load(net, read_layout(path, net, f"a timm {arch} state dict with {num_classes} outputs", key=key))
+    net.eval()
+    if normalize == "timm":
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        net, normalize = _MeanStd(net, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))), \
+            "none"
+    info = {"name": name, "format": "timm", "arch": arch, "input_size": input_size}
+    return ExplainedModel(net, task, input_size=input_size, normalize=normalize,
+                          num_classes=int(num_classes) if task == "classification" else None, info=info, head=head)
