@@ -1,0 +1,175 @@
+"""`cfx evaluate`: metrics added to finished jobs from their saved images, the job's own numbers untouched,
+a sharded run's merged folder measured on all its rows, missing weights reported, never faked."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import cfx
+from cfx_cli import ZOO_DIR
+from cfx_cli.evaluate import compose, load_pairs, main
+from cfx_cli.metrics import realism as R
+from cfx_cli.outputs import JobWriter, read_samples
+from cfx_cli.metrics.summary import summarise
+
+# A job in seconds: 12 synthetic images in two shards of 6 (one batch each), 8 guided steps at a strong scale
+# (most counterfactuals flip).
+JOB = ["debug=fast", "device=cpu", "dataset.num_images=12", "batch_size=6", "data.num_shards=2", "method.tau=8",
+       "method.scales=[80.0]"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster on a busy machine
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, one_thread):
+    """Both shards of a finished job, as `cfx run` leaves them (.hydra/config.yaml included)."""
+    from cfx_cli.api import compose as run_compose
+    from cfx_cli.run import job
+
+    root = tmp_path_factory.mktemp("evaluate")
+    folders = []
+    for shard in (0, 1):
+        cfg = run_compose([*JOB, f"data.shard={shard}"])
+        folder = root / f"shard{shard}"
+        job(cfg, folder)
+        (folder / ".hydra").mkdir()
+        OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")  # what Hydra writes (unresolved)
+        folders.append(folder)
+    return folders
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def raw(path):
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def oracle_fid(folder):
+    """FID recomputed here: oracle trunk features of all originals vs the successful counterfactuals."""
+    samples = read_samples(folder)
+    rows, x, x_cf = load_pairs(folder, samples)
+    net = R.build_extractor("oracle", oracle=str(ZOO_DIR / "synthetic_oracle"))
+    ok = rows["success"].to_numpy(bool).copy()
+    return R.fid(R.extract(net, x), R.extract(net, x_cf)[torch.from_numpy(ok)]), ok
+
+
+def test_evaluate_adds_realism_and_cout_and_keeps_the_jobs_numbers(shards, tmp_path, capsys):
+    job = copy(shards[0], tmp_path / "job")
+    metrics_before, samples_before = raw(job / "metrics.csv"), raw(job / "samples.csv")
+    main([str(job)])  # default: metrics=[fid,sfid,kid,cout], oracle features on the synthetic benchmark
+    out = capsys.readouterr()
+    assert "oracle feature space" in out.out and "metrics took" in out.out and "cout" in out.out
+    after = raw(job / "metrics.csv")
+    # the job's own rows are byte-for-byte as they were, in their order; the new ones follow
+    assert after.iloc[:len(metrics_before)].equals(metrics_before)
+    new = dict(zip(after["metric"], after["value"]))
+    assert {"fid", "sfid", "kid", "kid_std", "cout"} <= set(new)
+    fid, ok = oracle_fid(job)
+    assert ok.sum() >= 2 and float(new["fid"]) == pytest.approx(fid, rel=1e-9)
+    assert np.isfinite(float(new["sfid"])) and float(new["sfid"]) > 0 and np.isfinite(float(new["kid"]))
+    samples = raw(job / "samples.csv")
+    assert samples[list(samples_before.columns)].equals(samples_before)  # every cell of every old column
+    cout = pd.to_numeric(samples["cout"], errors="coerce")
+    correct = (samples["label"] == samples["pred"]).to_numpy()
+    assert cout[correct].between(-1, 1).all() and cout[~correct].isna().all()
+    assert float(new["cout"]) == pytest.approx(cout.mean(), rel=1e-4)
+    # evaluating again replaces the rows (no duplicates) with the same values (seeded)
+    main([str(job), "metrics=[sfid]"])
+    again = raw(job / "metrics.csv")
+    assert list(again["metric"]) == list(after["metric"]) and again.equals(after)
+
+
+def test_a_sharded_runs_merged_folder_is_measured_on_all_rows(shards, tmp_path):
+    merged = copy(shards[0], tmp_path / "merged")
+    with open(shards[1] / "samples.csv", newline="") as fh:
+        rows = fh.read().split("\n", 1)[1]
+    with open(merged / "samples.csv", "a", newline="") as fh:
+        fh.write(rows)
+    for kind in ("original", "counterfactual", "diff", "mask"):
+        for f in (shards[1] / "images" / kind).glob("*.png"):
+            shutil.copy(f, merged / "images" / kind / f.name)
+    JobWriter(merged).write_metrics(summarise(read_samples(merged), "classification"))
+    assert len(read_samples(merged)) == 12
+    evaluated = {}
+    parts = [copy(s, tmp_path / s.name) for s in shards]  # the fixture's folders stay as the job left them
+    for folder in (*parts, merged):
+        main([str(folder), "metrics=[fid,cout]"])
+        evaluated[folder] = dict(pd.read_csv(folder / "metrics.csv").values)
+    fid, _ = oracle_fid(merged)
+    assert evaluated[merged]["fid"] == pytest.approx(fid, rel=1e-9)  # the set of all 12, not a mean of shards
+    assert evaluated[merged]["fid"] != pytest.approx(np.mean([evaluated[s]["fid"] for s in parts]), rel=1e-6)
+    # per-sample values do not depend on the sharding
+    cout = read_samples(merged).set_index("index")["cout"]
+    by_shard = pd.concat([read_samples(s).set_index("index")["cout"] for s in parts])
+    assert np.allclose(cout.sort_index(), by_shard.sort_index(), equal_nan=True)
+
+
+def test_missing_inception_weights_give_a_warning_and_an_empty_cell(shards, tmp_path, capsys):
+    job = copy(shards[1], tmp_path / "job")
+    before = raw(job / "metrics.csv")
+    main([str(job), "metrics=[fid,kid]", "realism.features=inception",
+          f"realism.inception_weights={tmp_path / 'pt_inception-2015-12-05-6726825d.pth'}"])
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(line) == 1 and "fid, kid not computed" in line[0] and "does not exist" in line[0]
+    after = raw(job / "metrics.csv")
+    assert after.iloc[:len(before)].equals(before)
+    cells = dict(zip(after["metric"], after["value"]))
+    assert cells["fid"] == "" and cells["kid"] == "" and cells["kid_std"] == ""
+    assert np.isnan(dict(pd.read_csv(job / "metrics.csv").values)["fid"])
+
+
+class ChannelMeans(torch.nn.Module):
+    """An attribute oracle for the test: attribute c is on when channel c is bright on average."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def test_mnac_and_cd_through_a_configured_attribute_oracle(shards, tmp_path):
+    from cfx_cli.metrics.attributes import changed_attributes, correlation_difference
+
+    job = copy(shards[0], tmp_path / "job")
+    labels = np.random.default_rng(0).integers(0, 2, size=(50, 3))
+    np.save(tmp_path / "labels.npy", labels)
+    main([str(job), "metrics=[mnac,cd]", f"attributes.oracle={{_target_:{__name__}.ChannelMeans}}",
+          "attributes.query=0", f"attributes.train_labels={tmp_path / 'labels.npy'}"])
+    rows, x, x_cf = load_pairs(job, read_samples(job))
+    a, b = (x.mean((2, 3)) > 0).numpy(), (x_cf.mean((2, 3)) > 0).numpy()
+    ok = rows["success"].to_numpy(bool)
+    changed = changed_attributes(a, b)
+    mnac = rows["mnac"].to_numpy(float)
+    assert np.allclose(mnac[ok], changed[ok]) and np.isnan(mnac[~ok]).all()  # per sample: successful ones only
+    metrics = dict(pd.read_csv(job / "metrics.csv").values)
+    assert metrics["mnac"] == pytest.approx(changed[ok].mean())
+    assert metrics["cd"] == pytest.approx(correlation_difference(a[ok], b[ok], 0, labels))
+
+
+def test_the_cli_command(shards, tmp_path, capsys):
+    job = copy(shards[0], tmp_path / "job")
+    proc = cfx("evaluate", str(job), "metrics=[kid]", "realism.kid_subsets=3")  # the console entry point
+    assert "kid=" in proc.stdout and "metrics took kid" in proc.stdout
+    assert "kid" in dict(pd.read_csv(job / "metrics.csv").values)
+    for args, message in (([str(job), "metrics=[fidd]"], "cfx: error: metrics=fidd is unknown"),
+                          ([str(tmp_path / "nothing")], "no samples.csv"),
+                          ([str(job), "realism.nokey=1"], "cfx: error: ")):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_the_settings_compose():
+    cfg = compose(["metrics=[fid,cout]", "realism.sfid_splits=3"])
+    assert list(cfg.metrics) == ["fid", "cout"] and cfg.realism.sfid_splits == 3
+    assert cfg.realism.oracle == str(ZOO_DIR / "synthetic_oracle")
+    from cfx_cli.cli import USAGE
+
+    assert "evaluate   JOB [overrides...]" in USAGE
