@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: cfx <command> [args]
+USAGE = """usage: cfx [--debug] <command> [args]
+
+  --debug    full tracebacks for every error, also the ones cfx reports in one line (same as CFX_DEBUG=1;
+             sets HYDRA_FULL_ERROR=1)
 
 commands:
   run        [-m] [overrides...]        explain images; one job folder per run (Hydra app: --help, --cfg job)
   train      WHAT [overrides...]        reproduce a shipped model (synthetic_ddpm, synthetic_shape,
                                         synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
-                                        synthetic_oracle)
+                                        synthetic_oracle, synthetic_ldm, synthetic_diffae) or train on
+                                        your images (classifier|ddpm dataset=folder dataset.root=...)
   aggregate  PATH... [--by KEY...]      job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
   evaluate   JOB [overrides...]         add or recompute metrics (fid, sfid, kid, cout, mnac, cd) on a finished
                                         job from its saved images (settings: conf/evaluate/default.yaml)
@@ -38,7 +42,7 @@ Reproduce a shipped model of the synthetic benchmark into outputs/zoo/WHAT (out=
 cfx_cli/zoo/WHAT itself; out=FOLDER: anywhere).
 
 WHAT: synthetic_ddpm, synthetic_shape, synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
-      synthetic_oracle
+      synthetic_oracle, synthetic_ldm, synthetic_diffae; classifier | ddpm with dataset=folder dataset.root=...
       (settings in conf/trainable/WHAT.yaml; each shipped model records its command)
 
 overrides: device=cpu|cuda  threads=N  seed=N  out=FOLDER|zoo  work_dir=FOLDER (checkpoints: a killed run
@@ -52,11 +56,21 @@ examples:
 """
 
 
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("CFX_DEBUG", "").strip() not in ("", "0", "false")
+
+
 def _user_error(exc: BaseException) -> str | None:
-    """The one-line message of an error a user can fix, or None for a bug (shown in full)."""
+    """The one-line message of an error a user can fix, or None for a bug (shown in full; with --debug,
+    every error is shown in full)."""
     from omegaconf.errors import MissingMandatoryValue
 
     from cfx_cli.errors import CfxError
+
+    if _debug():
+        return None
 
     seen = exc
     while seen is not None:
@@ -130,6 +144,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv[:1] or (len(argv) > 1 and argv[1] == "--debug"):  # cfx --debug run ... | cfx run --debug ...
+        import os
+
+        argv.remove("--debug")
+        os.environ["CFX_DEBUG"] = "1"
+    if _debug():
+        import os
+
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return

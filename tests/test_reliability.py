@@ -290,3 +290,13 @@ def test_cfx_train_never_overwrites_the_shipped_zoo_unless_asked(tmp_path):
     assert digest(ZOO_DIR / "synthetic_shape") == before
     made = tmp_path / "outputs" / "zoo" / "synthetic_shape"
     assert (made / "model.safetensors").exists() and "wrote outputs/zoo/synthetic_shape" in proc.stdout
+
+
+def test_debug_flag_shows_the_full_traceback(tmp_path):
+    """A bad value is one line; with --debug (or CFX_DEBUG=1) the same error comes with its traceback."""
+    args = [sys.executable, "-m", "cfx_cli.cli", "run", "dataset.num_images=abc", f"hydra.run.dir={tmp_path / 'j'}"]
+    plain = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1].startswith("cfx: error: dataset.num_images")
+    debug = subprocess.run([*args[:3], "--debug", *args[3:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "CfxError" in debug.stderr
