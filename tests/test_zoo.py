@@ -1,6 +1,7 @@
 """Each shipped model's quality on freshly rendered test-split images (the thresholds of the issue)."""
 import json
 
+import numpy as np
 import torch
 
 from cfx_cli import ZOO_DIR
@@ -96,3 +97,38 @@ def test_ddpm_samples_are_valid_images():
     known_shape = torch.isin(read["shape"].argmax(1), torch.tensor(WORLD.shape_ids))
     valid = (conf >= 0.9).all(1) & known_shape
     assert valid.float().mean() >= 0.9, valid.float().mean()
+
+
+@torch.no_grad()
+def test_diffae_reconstructs_and_its_code_moves_the_factors_gradually():
+    """The synthetic Diff-AE (`cfx train synthetic_diffae`): DDIM inversion (20 steps) + decoding (10), the
+    Diff-AE-RE setting, reconstructs test images — mean |x − x̂| 0.032 of the range measured on 16 images
+    (gate 0.05), the oracle reading the same object colour on all. The semantic code carries colours and
+    size (shape stays in x_T): decoding image a's x_T with image b's code changes the images by 0.12 (3.8× the
+    reconstruction error), and walking the code from a's to b's in five equal steps moves the image in
+    several steps, not at once: per image the largest step is 0.64 of the whole change on average
+    (measured on 8 pairs; 0.24 to 0.91: a discrete factor such as a colour switches within one step; gate
+    0.75 on the mean)."""
+    from cfx_cli.diffusion.sampler import DDIMSampler
+    from cfx_cli.models.diffae import load_diffae
+
+    m = load_diffae(ZOO_DIR / "synthetic_diffae")
+    oracle = zoo_oracle(ZOO_DIR / "synthetic_oracle")
+    x = WORLD.render(WORLD.sample(np.random.default_rng(7), 16))
+    inv, ren = DDIMSampler(m, 20), DDIMSampler(m, 10)
+    z = m.semantic(x)
+    x_T = inv.invert(x, cond=z)
+
+    def render(code, start=x_T):
+        return ren.denoise(start, ren.num_steps - 1, -1, cond=code).clamp(-1, 1)
+
+    rec = render(z)
+    rec_err = float((rec - x).abs().mean() / 2)
+    assert rec_err <= 0.05, rec_err
+    assert (oracle(rec)["obj_colour"].argmax(1) == oracle(x)["obj_colour"].argmax(1)).all()
+    swapped = render(z.roll(1, 0))
+    assert float((swapped - rec).abs().mean() / 2) >= 2 * rec_err
+    path = torch.stack([render((1 - a) * z[:8] + a * z.roll(1, 0)[:8], x_T[:8]) for a in torch.linspace(0, 1, 6)])
+    steps = (path[1:] - path[:-1]).abs().mean((2, 3, 4))
+    share = steps.max(0).values / (path[-1] - path[0]).abs().mean((1, 2, 3))
+    assert share.mean() <= 0.75, share
