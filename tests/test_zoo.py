@@ -132,3 +132,26 @@ def test_diffae_reconstructs_and_its_code_moves_the_factors_gradually():
     steps = (path[1:] - path[:-1]).abs().mean((2, 3, 4))
     share = steps.max(0).values / (path[-1] - path[0]).abs().mean((1, 2, 3))
     assert share.mean() <= 0.75, share
+
+
+@torch.no_grad()
+def test_latent_diffusion_autoencoder_and_class_conditioning():
+    """The synthetic LDM (`cfx train synthetic_ldm`): its autoencoder reconstructs test renders (mean
+    |x − D(E(x))| 0.0044 of the range on 64 images; gate 0.02) with every factor the oracle reads kept,
+    and 64 samples conditioned on a class (50 DDIM steps, the conditional ε alone) show that class's shape
+    (measured 1.00, 91% of the samples valid for the oracle; gate 0.9)."""
+    from cfx_cli.diffusion.sampler import DDIMSampler
+    from cfx_cli.models.latent import load_latent_diffusion
+
+    m = load_latent_diffusion(ZOO_DIR / "synthetic_ldm")
+    oracle = zoo_oracle(ZOO_DIR / "synthetic_oracle")
+    x = WORLD.render(WORLD.sample(np.random.default_rng(7), 64))
+    rec = m.decode(m.encode(x)).clamp(-1, 1)
+    assert float((rec - x).abs().mean() / 2) <= 0.02
+    read, read_rec = oracle(x), oracle(rec)
+    for k in ("shape", "obj_colour", "bg_colour"):
+        assert (read[k].argmax(1) == read_rec[k].argmax(1)).all(), k
+    y = torch.arange(64) % 2
+    z = DDIMSampler(m, 50).sample(64, m.latent_shape, torch.Generator().manual_seed(0), cond=y)
+    shape = oracle(m.decode(z).clamp(-1, 1))["shape"].argmax(1)
+    assert (shape == torch.tensor(WORLD.shape_ids)[y]).float().mean() >= 0.9
