@@ -9,7 +9,9 @@ MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
          "bg_changed": "shortcut_reveal_rate", "oracle_flip": "oracle_flip_rate",
          "nfe_unet": "nfe_unet", "nfe_unet_backward": "nfe_unet_backward", "nfe_model": "nfe_model",
          "nfe_model_backward": "nfe_model_backward", "nfe_robust_model": "nfe_robust_model",
-         "nfe_robust_model_backward": "nfe_robust_model_backward", "pgd_iterations": "pgd_iterations",
+         "nfe_robust_model_backward": "nfe_robust_model_backward", "nfe_decoder": "nfe_decoder",
+         "nfe_decoder_backward": "nfe_decoder_backward", "pgd_iterations": "pgd_iterations",
+         "iterations": "iterations", "cout": "cout",
          "seconds": "seconds_per_cf"}
 # Column -> name of its maximum: the peak memory of the job's largest batch.
 MAXES = {"peak_mem_mib": "peak_mem_mib"}
