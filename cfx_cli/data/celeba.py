@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cfx_cli.data.images import open_rgb, positive_int, to_tensor
+from cfx_cli.data.images import dataset_root, open_rgb, positive_int, to_tensor
 from cfx_cli.errors import CfxError
 
 ATTRIBUTE_NAMES = (
@@ -177,11 +177,7 @@ def attribute_options(ds, root, split, query, image_size, num_images, name: str,
                       size_hint: str):
     """The options CelebA and CelebA-HQ share, checked before the slow part: root, split, the queried
     attribute (and the two classes it makes), image size; sets them on ``ds`` and returns num_images."""
-    if root is None or str(root).strip() in ("", "???"):
-        raise CfxError(f"dataset.root is not set: {layout} (e.g. dataset.root={example})")
-    ds.root = Path(str(root)).expanduser()
-    if not ds.root.is_dir():
-        raise CfxError(f"dataset.root={root} is not a folder: {layout}")
+    ds.root = dataset_root(root, layout, example)
     ds.name = name
     key = str(split).strip().lower()
     key = {"0": "train", "1": "val", "2": "test"}.get(key, SPLIT_ALIASES.get(key, key))
@@ -195,7 +191,29 @@ def attribute_options(ds, root, split, query, image_size, num_images, name: str,
     ds.image_size = positive_int("image_size", image_size, size_hint)
     return None if num_images is None else positive_int("num_images", num_images, "or null for all images")
 
-class CelebADataset:
+
+class AttributeItems:
+    """Items of a CelebA-family dataset: ``files``, 0/1 ``_attributes`` (N×40), ``query_index`` and ``_load``.
+    ``batch`` gives the interface keys (index, id = filename, x in [-1, 1], label = the queried attribute,
+    value = NaN, factors = None) plus ``attributes``: N×40 0/1."""
+
+    def __len__(self):
+        return len(self.files)
+
+    def ids(self, indices) -> list[str]:
+        """The items' ids without loading them (a resumed job checks that its done rows still match)."""
+        return [self.files[int(i)] for i in indices]
+
+    def batch(self, indices) -> dict:
+        indices = [int(i) for i in indices]
+        files = [self.files[i] for i in indices]
+        attributes = torch.from_numpy(self._attributes[indices].astype(np.int64))
+        return {"index": indices, "id": files, "x": torch.stack([self._load(f) for f in files]),
+                "label": attributes[:, self.query_index].clone(),
+                "value": torch.full((len(files),), float("nan")), "factors": None,
+                "attributes": attributes}
+
+class CelebADataset(AttributeItems):
     """One split (or the mini-val draw) of CelebA, labelled by one of the 40 attributes.
 
     ``batch`` returns the interface keys (index, id = filename, x in [-1, 1], label = 1 if the
@@ -269,24 +287,8 @@ class CelebADataset:
             raise CfxError(f"dataset.root={root} has no {self.files[0]} under img_align_celeba/ "
                            f"(nor img_align_celeba/img_align_celeba/): {_LAYOUT}")
 
-    def __len__(self):
-        return len(self.files)
-
     def _load(self, filename: str) -> torch.Tensor:
         path = self.image_dir / filename
         img = open_rgb(path, str(path), f"dataset.root={self.root}: cannot read image {path}; is img_align_celeba/ "
                                         f"complete?")
         return to_tensor(resize_center_crop(img, self.image_size))
-
-    def ids(self, indices) -> list[str]:
-        """The items' ids without loading them (a resumed job checks that its done rows still match)."""
-        return [self.files[int(i)] for i in indices]
-
-    def batch(self, indices) -> dict:
-        indices = [int(i) for i in indices]
-        files = [self.files[i] for i in indices]
-        attributes = torch.from_numpy(self._attributes[indices].astype(np.int64))
-        return {"index": indices, "id": files, "x": torch.stack([self._load(f) for f in files]),
-                "label": attributes[:, self.query_index].clone(),
-                "value": torch.full((len(files),), float("nan")), "factors": None,
-                "attributes": attributes}

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cfx_cli.data.celeba import SPLITS, _read_attributes, _read_partition, attribute_options, resize_center_crop
+from cfx_cli.data.celeba import (SPLITS, AttributeItems, _read_attributes, _read_partition, attribute_options,
+                                 resize_center_crop)
 from cfx_cli.data.images import open_rgb, to_tensor
 from cfx_cli.errors import CfxError
 
@@ -65,7 +66,7 @@ def _split_of(root: Path, mapping: pd.DataFrame) -> np.ndarray:
                    f"CelebA-HQ's test images through the mapping file): {_LAYOUT}")
 
 
-class CelebAHQDataset:
+class CelebAHQDataset(AttributeItems):
     has_factors = False
 
     def __init__(self, root: str, split: str = "test", query="smile", image_size: int = 256,
@@ -101,22 +102,8 @@ class CelebAHQDataset:
         if not (self.image_dir / self.files[0]).is_file():
             raise CfxError(f"dataset.root={root} has no CelebA-HQ-img/{self.files[0]}: {_LAYOUT}")
 
-    def __len__(self):
-        return len(self.files)
-
-    def ids(self, indices) -> list[str]:
-        return [self.files[int(i)] for i in indices]
-
     def _load(self, filename: str) -> torch.Tensor:
         path = self.image_dir / filename
         img = open_rgb(path, str(path), f"dataset.root={self.root}: cannot read image {path}; is CelebA-HQ-img/ "
                                         f"complete?")
         return to_tensor(resize_center_crop(img, self.image_size))
-
-    def batch(self, indices) -> dict:
-        indices = [int(i) for i in indices]
-        files = [self.files[i] for i in indices]
-        attributes = torch.from_numpy(self._attributes[indices].astype(np.int64))
-        return {"index": indices, "id": files, "x": torch.stack([self._load(f) for f in files]),
-                "label": attributes[:, self.query_index].clone(),
-                "value": torch.full((len(files),), float("nan")), "factors": None, "attributes": attributes}

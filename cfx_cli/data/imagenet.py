@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cfx_cli.data.images import open_rgb, positive_int, to_tensor
+from cfx_cli.data.images import dataset_root, open_rgb, positive_int, to_tensor
 from cfx_cli.errors import CfxError
 
 CLASSES_FILE = Path(__file__).with_name("imagenet_classes.tsv")
@@ -117,11 +117,7 @@ class ImageNetDataset:
         if unknown:
             raise CfxError(f"dataset.{sorted(unknown)[0]} is not an imagenet option; use root, labels, meta, "
                            f"image_size, num_images, crop_fraction, interpolation")
-        if root is None or str(root).strip() in ("", "???"):
-            raise CfxError(f"dataset.root is not set: {_LAYOUT} (e.g. dataset.root=/data/imagenet/val)")
-        self.root = Path(str(root)).expanduser()
-        if not self.root.is_dir():
-            raise CfxError(f"dataset.root={root} is not a folder: {_LAYOUT}")
+        self.root = dataset_root(root, _LAYOUT, "/data/imagenet/val")
         self.name = name
         self.image_size = positive_int("image_size", image_size, "256 for the ImageNet diffusion models")
         if num_images is not None:

@@ -37,3 +37,13 @@ def positive_int(key: str, value, hint: str) -> int:
     if out <= 0:
         raise CfxError(f"dataset.{key}={value!r} must be a positive integer ({hint})")
     return out
+
+
+def dataset_root(root, layout: str, example: str) -> Path:
+    """``dataset.root`` as a folder that exists, or one line saying what it must hold."""
+    if root is None or str(root).strip() in ("", "???"):
+        raise CfxError(f"dataset.root is not set: {layout} (e.g. dataset.root={example})")
+    path = Path(str(root)).expanduser()
+    if not path.is_dir():
+        raise CfxError(f"dataset.root={root} is not a folder: {layout}")
+    return path
