@@ -133,7 +133,8 @@ def test_diffae_re_celebahq_age(tmp_path, compose, files):
     assert s["id"].tolist() == ["1.jpg", "2.jpg", "4.jpg"]
     assert s["target"].tolist() == [0.8, 0.1, 0.8]                 # Young: 1, 0, 1 → age 80, 10, 80
     assert (s["iterations"] <= 2).all()
-    assert len(list((tmp_path / "job" / "images" / "reconstruction").glob("*.png"))) == 3
+    for kind in ("reconstruction", "heatmap"):
+        assert len(list((tmp_path / "job" / "images" / kind).glob("*.png"))) == 3
 
 
 def test_ace_re_celebahq_age(tmp_path, compose, files):

@@ -8,6 +8,7 @@
         stop the samples where f(x′) succeeds             (|ŷ − y*| ≤ tolerance; a flip for classifiers)
         z ← Adam step on L(f(x′), y*) + λ ‖z − z_sem‖₁
     x_cf ← x′ at each sample's stop (or after the last iteration)
+    heat-map ← mean_c(x_cf − x_rec)                      (against the reconstruction, not the input)
 
 x_T stays fixed, so only what z_sem carries (the semantics) can change. L is the objective's loss:
 (f(x) − y*)² for regressors, cross-entropy (or the signed logit) for classifiers — the same optimiser
@@ -87,7 +88,10 @@ class DiffAECounterfactual:
                     opts[i].step()
                 iters[active[go]] += 1
         z_final = torch.cat([p.detach() for p in params])
-        return CFResult(x_cf=x_cf, extras={"reconstruction": x_rec},
+        # the paper's heat-map: the signed channel mean of x_cf − x_rec in [0, 1] units, drawn on [−1, 1]
+        # (bwr there; here grey, 0.5 = unchanged, brighter = the counterfactual is lighter)
+        heatmap = ((x_cf - x_rec).mean(1, keepdim=True) / 2 + 1) / 2
+        return CFResult(x_cf=x_cf, extras={"reconstruction": x_rec, "heatmap": heatmap},
                         info={"iterations": iters, "z_l1": (z_final - z_sem).abs().flatten(1).sum(1),
                               "reconstruction_l1": (x_rec - x).abs().flatten(1).mean(1) / 2})
 
