@@ -40,6 +40,11 @@ def test_class_conditional_folder(tmp_path):
     z = model.encode(x)
     assert torch.allclose(z, vae.encode(x).latent_dist.mode() * 0.5, atol=1e-6)  # scale · posterior mean
     assert torch.allclose(model.decode(z), vae.decode(z / 0.5).sample, atol=1e-6)
+    model.sample_posterior = True  # a draw from the posterior with the caller's noise: mean + std · noise
+    noise = torch.randn(2, *model.latent_shape)
+    post = vae.encode(x).latent_dist
+    assert torch.allclose(model.encode(x, noise), (post.mean + post.std * noise) * 0.5, atol=1e-6)
+    model.sample_posterior = False
     t = torch.tensor([10, 10])
     # the context is the class embedding, a length-1 sequence; the null class is the last row
     eps_c = model(z, t, torch.tensor([0, 1]))

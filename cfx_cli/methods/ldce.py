@@ -80,7 +80,8 @@ class LDCE:
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
         gen = self.sampler.model
-        z0 = gen.encode(x)
+        # a KL model that samples its posterior (Stable Diffusion's encode) draws from each sample's generator
+        z0 = gen.encode(x, rng.randn(gen.latent_shape)) if getattr(gen, "sample_posterior", False) else gen.encode(x)
         z = self.sampler.q_sample(z0, self.t_enc, rng.randn(z0.shape[1:]))
         kept = []
         for t in range(self.t_enc - 1, -1, -1):

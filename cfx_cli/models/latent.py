@@ -135,13 +135,14 @@ class LatentDiffusion(nn.Module):
         if hasattr(self.conditioner, "set_class_names"):
             self.conditioner.set_class_names(names)
 
-    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """z = scale · E(x): VQ pre-quantisation latents (LDM does not quantise when encoding); KL: the
-        posterior mean (``sample_posterior``: a draw, as Stable Diffusion's img2img)."""
+        posterior mean, or with ``sample_posterior`` a draw mean + std · noise (Stable Diffusion's img2img;
+        the caller passes each sample's own noise, N×latent_shape, so a draw never depends on the batch)."""
         if self.vq:
             return self.vae.encode(x).latents * self.scale_factor
         post = self.vae.encode(x).latent_dist
-        z = post.sample(generator) if self.sample_posterior else post.mode()
+        z = post.mean + post.std * noise if (self.sample_posterior and noise is not None) else post.mode()
         return z * self.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
