@@ -238,7 +238,7 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_new_attention_order: bool = False):
+                 use_new_attention_order: bool = False, norm=None):
         super().__init__()
         if num_head_channels == -1:
             self.num_heads = num_heads
@@ -251,7 +251,7 @@ class AttentionBlock(nn.Module):
             raise CfxError(f"num_heads={self.num_heads} does not divide the {channels} attention channels: "
                            f"use a divisor of num_channels")
         self.new_order = use_new_attention_order
-        self.norm = GroupNorm32(channels)
+        self.norm = (norm or GroupNorm32)(channels)  # norm: another GroupNorm class (DiffAE's min(32, C) groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
         nn.init.zeros_(self.proj_out.weight)  # a fresh block starts as the identity, as the original

@@ -136,17 +136,7 @@ class AttentionBlock(adm.AttentionBlock):
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
                  use_new_attention_order: bool = False):
-        nn.Module.__init__(self)  # not ADM's __init__: its norm has 32 groups whatever the width
-        self.num_heads = num_heads if num_head_channels == -1 else channels // max(num_head_channels, 1)
-        if channels % self.num_heads or (num_head_channels != -1 and channels % num_head_channels):
-            raise CfxError(f"num_heads={num_heads}, num_head_channels={num_head_channels} do not split the "
-                           f"{channels} attention channels into equal heads: use divisors of model_channels")
-        self.new_order = use_new_attention_order
-        self.norm = GroupNorm(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.proj_out.weight)  # zero_module in the original: a fresh block is the identity
-        nn.init.zeros_(self.proj_out.bias)
+        super().__init__(channels, num_heads, num_head_channels, use_new_attention_order, norm=GroupNorm)
 
 
 class Blocks(nn.Sequential):
