@@ -30,7 +30,7 @@ from cfx_cli.outputs import flatten_config, read_metrics, read_samples
 DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "mae_to_target_before", "l1", "l2", "mnac",
                    "ideal_cf_l1", "shortcut_reveal_rate", "oracle_flip_rate", "nfe_unet", "nfe_unet_backward",
                    "nfe_decoder", "nfe_decoder_backward", "nfe_model", "nfe_model_backward", "seconds_per_cf",
-                   "peak_mem_mib"]
+                   "peak_mem_mib", "fid", "cout"]
 
 # Record fields that are not config, and config keys that may differ between the jobs of one row.
 BOOKKEEPING = {"job", "state", "error", "metrics", "task"}
@@ -119,8 +119,29 @@ def merge_shards(records: list[dict]) -> list[dict]:
             r["task"] = next((x["task"] for x in done if x.get("task")), None)
             samples = pd.concat([read_samples(x["job"]) for x in done]).drop_duplicates("index")
             r["metrics"] = summarise(samples, r.get("task") or "classification")
+            r["metrics"].update(merged_set_level([Path(x["job"]) for x in done]))
         merged.append(r)
     return merged
+
+
+def merged_set_level(shards: list[Path]) -> dict[str, float]:
+    """FID, sFID, KID, CD of a sharded run over all its shards' samples together (never a mean of shards),
+    as its config's ``metrics.evaluate`` asks; a problem is one warning line and no value."""
+    from cfx_cli.evaluate import merged_set_level as compute
+
+    cfg_file = shards[0] / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        return {}
+    try:
+        values = compute(shards, yaml.safe_load(cfg_file.read_text()) or {})
+    except Exception as e:  # noqa: BLE001 - the table goes on without them
+        print(f"cfx aggregate: warning: set-level metrics of the sharded job {shards[0].parent}/... not computed: "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return {}
+    if values:
+        print(f"cfx aggregate: {', '.join(values)} over the merged samples of {len(shards)} shards "
+              f"({', '.join(map(str, shards))})", file=sys.stderr)
+    return values
 
 
 def _int(v, default: int) -> int:
@@ -343,6 +364,9 @@ def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
                          "or values (method.variant, target.mode, ...)")
     ap.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS)
     ap.add_argument("--out", default=None, help="folder for table.{md,csv,tex} (default: the first path)")
+    ap.add_argument("--table", choices=("default", "paper"), default="default",
+                    help="paper: the papers' layout (FID, sFID, FVA, FS, MNAC, CD, COUT, flip rate; for regression "
+                         "success, MAE, FID, LPIPS; σ_L across seeds), best value bold, into paper_table.{md,csv,tex}")
     args = ap.parse_args(argv)
     jobs = find_jobs(args.paths)
     if not jobs:
@@ -351,6 +375,8 @@ def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
     records = [job_record(j) for j in jobs]
     check_by(records, args.by)
     records = merge_shards(records) + missing_sweep_jobs(args.paths, jobs)
+    if args.table == "paper":
+        return paper(args, records)
     df = table(records, args.by, args.metrics)
     mixed = mixed_rows(records, args.by)
     for label, keys in mixed:
@@ -368,12 +394,92 @@ def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
     numeric.to_csv(out / "table.csv", index=False)
     (out / "table.tex").write_text(to_latex(text, set(df.columns) - set(args.by)) if len(text) else "")
     print(md)
+    problems = list_problems(records)
+    print(f"\nwrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.tex'}")
+    df.attrs["not_included"] = len(problems)
+    df.attrs["jobs"] = len(records)
+    return df
+
+
+def list_problems(records: list[dict]) -> list[dict]:
     problems = [r for r in records if r["state"] != "done"]
     if problems:
         print(f"\n{len(problems)} job(s) not included (missing, failed, incomplete or interrupted):")
         for r in problems:
             print(f"  {r['state']:8s} {r['job']}" + (f"  ({r['error']})" if r.get("error") else ""))
-    print(f"\nwrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.tex'}")
+    return problems
+
+
+def paper(args, records: list[dict]) -> pd.DataFrame:
+    """--table paper: one table per task (classification, regression) in the papers' layout."""
+    from cfx_cli import paper_table as P
+
+    out = Path(args.out or args.paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    md, tex, numeric, frames = [], [], [], []
+    for task, layout in P.LAYOUT.items():
+        rs = [r for r in records if r["state"] == "done" and (r.get("task") or "classification") == task]
+        if not rs:
+            continue
+        df = table(rs, args.by, [c.metric for c in layout])
+        sigma = sigma_l(rs, args.by)
+        if sigma:
+            df["sigma_l"] = [sigma.get(tuple(str(row[k]) for k in args.by), (np.nan, np.nan, 0, row["n_jobs"]))
+                             for _, row in df.iterrows()]
+        text, best, absent = P.paper_table(df, args.by, task)
+        md.append(f"**{task.capitalize()}** (mean ± std over seeds; best in bold)\n\n" + P.to_markdown(text, best)
+                  + (f"\n\nNo job has: {', '.join(absent)}." if absent else ""))
+        tex.append(P.to_latex(text, best))
+        numeric.append(render(df)[1].assign(task=task))
+        frames.append(df)
+    body = "\n\n".join(md) if md else "(no finished jobs)"
+    mixed = mixed_rows(records, args.by)
+    for label, keys in mixed:
+        print(f"cfx aggregate: warning: row {label} mixes jobs that differ in {', '.join(keys)}; add them to --by",
+              file=sys.stderr)
+    if mixed:
+        body += ("\n\nNote: the ± spread of these rows is not only over seeds: their jobs differ in config keys "
+                 "not in --by: " + "; ".join(f"{label}: {', '.join(keys)}" for label, keys in mixed))
+    (out / "paper_table.md").write_text(body + "\n")
+    (out / "paper_table.tex").write_text("\n".join(tex))
+    (pd.concat(numeric) if numeric else pd.DataFrame()).to_csv(out / "paper_table.csv", index=False)
+    print(body)
+    problems = list_problems(records)
+    print(f"\nwrote {out / 'paper_table.md'}, {out / 'paper_table.csv'}, {out / 'paper_table.tex'}")
+    df = pd.concat(frames) if frames else pd.DataFrame()
     df.attrs["not_included"] = len(problems)
     df.attrs["jobs"] = len(records)
     return df
+
+
+def sigma_l(records: list[dict], by: list[str]) -> dict[tuple, tuple]:
+    """σ_L per table row: the mean pairwise LPIPS between the counterfactuals of one image made by jobs
+    that differ only in their seed (DiME's diversity), over the images they share. A row whose jobs
+    have one seed each has none. {row key: (mean, nan, groups measured, jobs)}."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        same = tuple(sorted((k, str(v)) for k, v in r.items() if k not in BOOKKEEPING and k not in NOT_A_MIX
+                            and not k.startswith(("hydra.", "hydra/"))))
+        groups.setdefault(same, []).append(r)
+    per_row: dict[tuple, list[float]] = {}
+    for rs in groups.values():
+        seeds = {str(r.get("seed")) for r in rs}
+        if len(seeds) < 2:
+            continue
+        rs = [next(r for r in rs if str(r.get("seed")) == s) for s in sorted(seeds)]
+        value = _sigma_l_of([[Path(j) for j in r["job"].split(",")] for r in rs])
+        if value is not None:
+            per_row.setdefault(tuple(str(rs[0].get(k)) for k in by), []).append(value)
+    return {k: (float(np.mean(v)), np.nan, len(v), len(v)) for k, v in per_row.items()}
+
+
+def _sigma_l_of(jobs: list[list[Path]]) -> float | None:
+    from cfx_cli.evaluate import sigma_l as compute
+
+    try:
+        cfg = yaml.safe_load((jobs[0][0] / ".hydra" / "config.yaml").read_text()) or {}
+        return compute(jobs, cfg)
+    except Exception as e:  # noqa: BLE001 - the table goes on without it
+        print(f"cfx aggregate: warning: σ_L of {jobs[0][0]} and its other seeds not computed: "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return None

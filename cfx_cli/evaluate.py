@@ -72,32 +72,39 @@ def load_image(path: Path) -> torch.Tensor:
 
 class Pairs:
     """The samples that have both images (images/original/<index>.png, images/counterfactual/<index>.png),
-    in index order, read batch by batch (a large job's images need not fit in memory at once)."""
+    in index order, read batch by batch (a large job's images need not fit in memory at once). Several
+    folders (the shards of one job) are read as one set: each row's images come from its own folder."""
 
-    def __init__(self, job: Path, samples: pd.DataFrame):
-        self.folder = job / "images"
-        has = [(self.folder / "original" / f"{i}.png").is_file()
-               and (self.folder / "counterfactual" / f"{i}.png").is_file() for i in samples["index"]]
-        self.rows = samples[np.asarray(has, dtype=bool)].sort_values("index")
+    def __init__(self, jobs, samples: pd.DataFrame | None = None):
+        from cfx_cli.outputs import read_samples
+
+        jobs = [Path(jobs)] if isinstance(jobs, (str, Path)) else [Path(j) for j in jobs]
+        frames = [(read_samples(j) if samples is None else samples).assign(_images=str(j / "images")) for j in jobs]
+        rows = pd.concat(frames).drop_duplicates("index")
+        has = [(Path(f) / "original" / f"{i}.png").is_file() and (Path(f) / "counterfactual" / f"{i}.png").is_file()
+               for i, f in zip(rows["index"], rows["_images"])]
+        self.rows = rows[np.asarray(has, dtype=bool)].sort_values("index")
         if self.rows.empty:
-            raise CfxError(f"{job}: no sample has both images/original/<index>.png and "
+            raise CfxError(f"{', '.join(map(str, jobs))}: no sample has both images/original/<index>.png and "
                            f"images/counterfactual/<index>.png")
         self.index = self.rows["index"].astype(int).to_numpy()
+        self.folders = [Path(f) for f in self.rows["_images"]]
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int, kind: str = "counterfactual"):
         """(slice of the rows, originals, counterfactuals) for each batch: N×C×H×W in [-1, 1]."""
         for start in range(0, len(self.index), batch_size):
-            idx = self.index[start:start + batch_size]
-            yield (slice(start, start + len(idx)),
-                   torch.stack([load_image(self.folder / "original" / f"{i}.png") for i in idx]),
-                   torch.stack([load_image(self.folder / "counterfactual" / f"{i}.png") for i in idx]))
+            sl = slice(start, min(start + batch_size, len(self.index)))
+            pairs = list(zip(self.index[sl], self.folders[sl]))
+            yield (sl, torch.stack([load_image(f / "original" / f"{i}.png") for i, f in pairs]),
+                   torch.stack([load_image(f / kind / f"{i}.png") for i, f in pairs]))
 
 
-def load_pairs(job: Path, samples: pd.DataFrame) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
-    """The rows that have both images, and all their originals and counterfactuals at once."""
+def load_pairs(job, samples: pd.DataFrame | None = None) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+    """The rows that have both images, and all their originals and counterfactuals at once (``job``: a
+    folder, or the shard folders of one job)."""
     pairs = Pairs(job, samples)
     _, x, x_cf = next(pairs.batches(len(pairs)))
     return pairs.rows, x, x_cf
@@ -292,50 +299,65 @@ def update_samples(job: Path, columns: dict[str, dict[int, float]]) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- driver
+def metric_names(ecfg: DictConfig) -> list[str]:
+    names = [str(m) for m in (ecfg.metrics if not isinstance(ecfg.metrics, str) else [ecfg.metrics])]
+    unknown = [m for m in names if m not in KNOWN]
+    if unknown:
+        raise CfxError(f"metrics={unknown[0]} is unknown; choose among {', '.join(KNOWN)} (e.g. metrics=[fid,cout])")
+    return names
+
+
+def compute(pairs: Pairs, ecfg: DictConfig, cfg: DictConfig | None, names: list[str], device
+            ) -> tuple[dict[str, float], dict[str, dict[int, float]], dict[str, float]]:
+    """``names`` on ``pairs``: (set-level values, per-sample columns by index, seconds per metric group).
+    Writes nothing."""
+    success = _success(pairs.rows)
+    level: dict[str, float] = {}
+    per: dict[str, dict[int, float]] = {}
+    seconds: dict[str, float] = {}
+    index = pairs.index.tolist()
+
+    wanted = [m for m in REALISM if m in names]
+    if wanted:
+        t0 = time.time()
+        level.update(realism_metrics(ecfg, cfg, wanted, pairs, success, device))
+        seconds[", ".join(wanted)] = time.time() - t0
+    if "cout" in names:
+        t0 = time.time()
+        values = cout_metric(ecfg, cfg, pairs, device)
+        if values is not None:
+            per["cout"] = dict(zip(index, values.tolist()))
+            level["cout"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        seconds["cout"] = time.time() - t0
+    wanted = [m for m in ATTRIBUTE_METRICS if m in names]
+    if wanted:
+        t0 = time.time()
+        columns, values = attribute_metrics(ecfg, cfg, wanted, pairs, success, device)
+        per.update({k: dict(zip(index, v.tolist())) for k, v in columns.items()})
+        level.update(values)
+        seconds[", ".join(wanted)] = time.time() - t0
+    return level, per, seconds
+
+
+def _timings(seconds: dict[str, float]) -> str:
+    return "; ".join(f"{k} {v:.2f} s" for k, v in seconds.items()) if seconds else "0 s"
+
+
 def evaluate(job_dir: str | Path, ecfg: DictConfig) -> dict[str, float]:
     """Compute ``ecfg.metrics`` on the job folder and write them into it; returns the set-level values."""
-    from cfx_cli.outputs import JobLock, read_samples
+    from cfx_cli.outputs import JobLock
     from cfx_cli.run import resolve_device
 
     job = Path(job_dir)
     if not (job / "samples.csv").is_file():
         raise CfxError(f"{job} is not a job folder with samples (no samples.csv); give the folder that `cfx run` "
                        f"wrote (its hydra.run.dir)")
-    names = [str(m) for m in (ecfg.metrics if not isinstance(ecfg.metrics, str) else [ecfg.metrics])]
-    unknown = [m for m in names if m not in KNOWN]
-    if unknown:
-        raise CfxError(f"metrics={unknown[0]} is unknown; choose among {', '.join(KNOWN)} (e.g. metrics=[fid,cout])")
+    names = metric_names(ecfg)
     device = resolve_device(ecfg.device)
     with JobLock(job):
         cfg = job_config(job)
-        pairs = Pairs(job, read_samples(job))
-        rows = pairs.rows
-        success = _success(rows)
-        level: dict[str, float] = {}
-        per: dict[str, dict[int, float]] = {}
-        timings: list[str] = []
-        index = pairs.index
-
-        wanted = [m for m in REALISM if m in names]
-        if wanted:
-            t0 = time.time()
-            level.update(realism_metrics(ecfg, cfg, wanted, pairs, success, device))
-            timings.append(f"{', '.join(wanted)} {time.time() - t0:.2f} s")
-        if "cout" in names:
-            t0 = time.time()
-            values = cout_metric(ecfg, cfg, pairs, device)
-            if values is not None:
-                per["cout"] = dict(zip(index.tolist(), values.tolist()))
-                level["cout"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-            timings.append(f"cout {time.time() - t0:.2f} s")
-        wanted = [m for m in ATTRIBUTE_METRICS if m in names]
-        if wanted:
-            t0 = time.time()
-            columns, values = attribute_metrics(ecfg, cfg, wanted, pairs, success, device)
-            per.update({k: dict(zip(index.tolist(), v.tolist())) for k, v in columns.items()})
-            level.update(values)
-            timings.append(f"{', '.join(wanted)} {time.time() - t0:.2f} s")
-
+        pairs = Pairs(job)
+        level, per, seconds = compute(pairs, ecfg, cfg, names, device)
         # a metric not computed is an empty cell, unless the job already has a value for it (kept)
         existing = _metric_names(job)
         write = {k: v for k, v in level.items() if _finite(v)}
@@ -346,11 +368,62 @@ def evaluate(job_dir: str | Path, ecfg: DictConfig) -> dict[str, float]:
         update_metrics(job, write, [m for m in asked if m not in write and m not in existing])
         if per:
             update_samples(job, per)
-    print(f"cfx evaluate: {job}: {len(rows)} samples ({int(success.sum())} successful); metrics took "
-          f"{'; '.join(timings) if timings else '0 s'}")
+    success = _success(pairs.rows)
+    print(f"cfx evaluate: {job}: {len(pairs)} samples ({int(success.sum())} successful); metrics took "
+          f"{_timings(seconds)}")
     shown = [f"{k}={v:.4g}" for k, v in level.items() if k in names or k == "kid_std"]
     print("  ".join(shown) if shown else "no metric computed")
     return level
+
+
+# Metrics of the whole set (not a mean of per-sample values): a sharded run gets them from its merged shards.
+SET_LEVEL = (*REALISM, "cd")
+
+
+def in_job(job: Path, cfg: DictConfig, device) -> tuple[dict[str, float], float]:
+    """The job's ``metrics.evaluate`` metrics at its end (the job holds its folder's lock): per-sample ones
+    into samples.csv; returns (set-level values, seconds). A shard of a sharded run leaves the set-level
+    ones to ``cfx aggregate``, which computes them on all the shards' samples together."""
+    ecfg = OmegaConf.select(cfg, "metrics.evaluate")
+    if ecfg is None or not ecfg.get("metrics"):
+        return {}, 0.0
+    names = metric_names(ecfg)
+    if int(OmegaConf.select(cfg, "data.num_shards", default=1) or 1) > 1:
+        left = [m for m in names if m in SET_LEVEL]
+        if left:
+            print(f"cfx: {', '.join(left)} are measured over all the shards together by `cfx aggregate` "
+                  f"(this job is one shard)", file=sys.stderr)
+        names = [m for m in names if m not in SET_LEVEL]
+    if not names:
+        return {}, 0.0
+    t0 = time.time()
+    try:
+        pairs = Pairs(job)
+    except CfxError:  # no sample has both images (every sample failed): nothing to measure
+        return {}, 0.0
+    level, per, seconds = compute(pairs, ecfg, cfg, names, device)
+    if per:
+        update_samples(job, per)
+    elapsed = time.time() - t0
+    print(f"cfx: metrics {', '.join(names)} took {_timings(seconds)}", file=sys.stderr)
+    return {k: v for k, v in level.items() if k in SET_LEVEL or k == "kid_std"}, elapsed
+
+
+def merged_set_level(jobs: list[Path], cfg: dict | DictConfig) -> dict[str, float]:
+    """The set-level metrics a sharded run asked for (its ``metrics.evaluate``), over all its shards'
+    samples at once (never a mean of per-shard values)."""
+    from cfx_cli.run import resolve_device
+
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    ecfg = OmegaConf.select(cfg, "metrics.evaluate")
+    if ecfg is None or not ecfg.get("metrics"):
+        return {}
+    names = [m for m in metric_names(ecfg) if m in SET_LEVEL]
+    if not names:
+        return {}
+    device = resolve_device(OmegaConf.select(ecfg, "device", default="auto"))
+    level, _, _ = compute(Pairs(jobs), ecfg, cfg, names, device)
+    return {k: v for k, v in level.items() if k in SET_LEVEL or k == "kid_std"}
 
 
 def _metric_names(job: Path) -> set[str]:

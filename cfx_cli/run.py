@@ -23,6 +23,7 @@ from cfx_cli.methods.base import CFResult, SampleRNG
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.models.counting import CostMeter, Counted
 from cfx_cli.metrics.sample import OracleMetrics, distances
+from cfx_cli.evaluate import in_job
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.objectives import build_objective
 from cfx_cli.outputs import JobLock, JobWriter, diff_image, flatten_config, read_samples, write_json
@@ -547,9 +548,13 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         if pending:  # the last chunks were all unreadable
             writer.add(pending, {})
         bar.close()
+        # the papers' metrics (metrics.evaluate): per-sample ones into samples.csv, set-level ones here
+        extra, metrics_seconds = in_job(writer.dir, cfg, device)
         samples = read_samples(writer.dir)
         samples = samples[samples["index"].isin(indices)]
-        metrics = summarise(samples, task)
+        metrics = {**summarise(samples, task), **extra}
+        if metrics_seconds:
+            metrics["metrics_seconds"] = round(metrics_seconds, 3)
         writer.write_metrics(metrics)
         writer.write_grid()
         writer.status(state="done", written=len(samples), failed_samples=int(metrics["num_failed"]),

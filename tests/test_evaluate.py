@@ -53,8 +53,7 @@ def raw(path):
 
 def oracle_fid(folder):
     """FID recomputed here: oracle trunk features of all originals vs the successful counterfactuals."""
-    samples = read_samples(folder)
-    rows, x, x_cf = load_pairs(folder, samples)
+    rows, x, x_cf = load_pairs(folder)  # a folder, or the shard folders of one job
     net = R.build_extractor("oracle", oracle=str(ZOO_DIR / "synthetic_oracle"))
     ok = rows["success"].to_numpy(bool).copy()
     return R.fid(R.extract(net, x), R.extract(net, x_cf)[torch.from_numpy(ok)]), ok
@@ -67,8 +66,11 @@ def test_evaluate_adds_realism_and_cout_and_keeps_the_jobs_numbers(shards, tmp_p
     out = capsys.readouterr()
     assert "oracle feature space" in out.out and "metrics took" in out.out and "cout" in out.out
     after = raw(job / "metrics.csv")
-    # the job's own rows are byte-for-byte as they were, in their order; the new ones follow
-    assert after.iloc[:len(metrics_before)].equals(metrics_before)
+    # the job's own rows are byte-for-byte as they were, in their order (but the re-measured cout); the new ones
+    # follow
+    kept = metrics_before["metric"] != "cout"
+    assert after.iloc[:len(metrics_before)][kept].equals(metrics_before[kept])
+    assert list(after["metric"][:len(metrics_before)]) == list(metrics_before["metric"])
     new = dict(zip(after["metric"], after["value"]))
     assert {"fid", "sfid", "kid", "kid_std", "cout"} <= set(new)
     fid, ok = oracle_fid(job)
@@ -173,3 +175,52 @@ def test_the_settings_compose():
     from cfx_cli.cli import USAGE
 
     assert "evaluate   JOB [overrides...]" in USAGE
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, one_thread):
+    """The same 12 images as one job (no shards), as `cfx run` leaves it."""
+    from cfx_cli.api import compose as run_compose
+    from cfx_cli.run import job
+
+    folder = tmp_path_factory.mktemp("whole") / "job"
+    cfg = run_compose([*JOB, "data.num_shards=1"])
+    job(cfg, folder)
+    (folder / ".hydra").mkdir()
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
+    return folder
+
+
+def test_a_job_measures_its_metrics_and_cfx_evaluate_reproduces_them(whole, tmp_path):
+    own = dict(pd.read_csv(whole / "metrics.csv").values)
+    fid, ok = oracle_fid(whole)  # recomputed here from the saved images
+    assert ok.sum() >= 2 and own["fid"] == pytest.approx(fid, rel=1e-9)
+    assert {"sfid", "kid", "kid_std", "cout"} <= set(own) and own["metrics_seconds"] > 0
+    samples = read_samples(whole)
+    assert own["cout"] == pytest.approx(samples["cout"].mean(), rel=1e-9)
+    job = copy(whole, tmp_path / "job")
+    main([str(job), "metrics=[fid,sfid,kid,cout]"])
+    again = dict(pd.read_csv(job / "metrics.csv").values)
+    for name in ("fid", "sfid", "kid", "kid_std", "cout"):
+        assert again[name] == pytest.approx(own[name], rel=1e-6, abs=1e-9), name
+    assert np.allclose(read_samples(job)["cout"], samples["cout"], equal_nan=True, atol=1e-6)
+
+
+def test_a_sharded_run_gets_its_set_level_metrics_from_aggregate_over_all_shards(shards, whole, tmp_path, capsys):
+    from cfx_cli import aggregate
+
+    for s in shards:  # a shard measures per-sample metrics only: FID of half the set would be another number
+        own = dict(pd.read_csv(s / "metrics.csv").values)
+        assert "cout" in own and "fid" not in own and "sfid" not in own
+    root = tmp_path / "run"
+    for s in shards:
+        copy(s, root / s.name)
+    df = aggregate.aggregate([str(root), "--metrics", "fid", "sfid", "kid", "cout", "flip_rate"])
+    err = capsys.readouterr().err
+    assert "fid, sfid, kid, kid_std over the merged samples of 2 shards" in err
+    fid, _ = oracle_fid([root / s.name for s in shards])
+    assert len(df) == 1 and df["fid"].iloc[0][0] == pytest.approx(fid, rel=1e-9)
+    # the same images in one job: the same set-level numbers
+    own = dict(pd.read_csv(whole / "metrics.csv").values)
+    assert df["fid"].iloc[0][0] == pytest.approx(own["fid"], rel=1e-6)
+    assert df["sfid"].iloc[0][0] == pytest.approx(own["sfid"], rel=1e-6)
