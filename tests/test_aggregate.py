@@ -241,3 +241,33 @@ def test_a_model_given_by_path_is_labelled_by_its_path(tmp_path, capsys):
     (mine / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["classifier.path=/data/my_digits_cnn"]))
     df, out, _ = run(capsys, tmp_path, "--by", "model", "--metrics", "flip_rate")
     assert sorted(pd.read_csv(tmp_path / "table.csv")["model"]) == ["/data/my_digits_cnn", "synthetic_shape"]
+
+
+# --------------------------------------------------------------------------- --table paper
+def test_paper_table_lays_out_the_papers_columns_with_the_best_in_bold(tmp_path, capsys):
+    for method, seed, fid, flip, cout in (("dime", 0, 10.0, 0.90, 0.2), ("dime", 1, 12.0, 1.00, 0.4),
+                                          ("fastdime", 0, 20.0, 0.97, 0.5), ("fastdime", 1, 22.0, 0.99, 0.7)):
+        make_job(tmp_path / f"{method}{seed}", method=method, seed=seed,
+                 metrics={"flip_rate": flip, "fid": fid, "cout": cout, "l1": 0.1})
+    make_job(tmp_path / "acre", method="ace", task="regression",
+             metrics={"success_rate": 0.5, "mae_to_target": 0.25, "fid": 30.0})
+    df, out, err = run(capsys, tmp_path, "--table", "paper")
+    md = (tmp_path / "paper_table.md").read_text()
+    lines = md.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| Method"))
+    assert "FID ↓" in header and "COUT ↑" in header and "Flip rate (%) ↑" in header and "l1" not in header
+    row = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines
+           if ln.startswith("| DiME") or ln.startswith("| FastDiME") or ln.startswith("| AC-RE")}
+    # by hand: mean and sample std of (10, 12) = 11, 1.414; flips in percent; the best of each column bold
+    assert row["DiME"][0] == "**11.00 ± 1.41**" and row["FastDiME"][0] == "21.00 ± 1.41"   # FID: lower is better
+    assert row["FastDiME"][1] == "**0.600 ± 0.141**" and row["DiME"][1] == "0.300 ± 0.141"  # COUT: higher
+    assert row["FastDiME"][2] == "**98.0 ± 1.4**" and row["DiME"][2] == "95.0 ± 7.1"        # flip rate, %
+    assert "No job has: sfid, fva, fs, mnac, cd, sigma_l." in md
+    # the regression paper's columns, with ACE named as its regression variant
+    reg_header = [ln for ln in lines if ln.startswith("| Method")][1]
+    assert "Success (%) ↑" in reg_header and "MAE ↓" in reg_header
+    assert row["AC-RE"][:3] == ["**50.0**", "**0.250**", "**30.00**"]
+    tex = (tmp_path / "paper_table.tex").read_text()
+    assert r"FID $\downarrow$" in tex and r"\textbf{11.00 $\pm$ 1.41}" in tex and r"Flip rate (\%) $\uparrow$" in tex
+    numeric = pd.read_csv(tmp_path / "paper_table.csv")
+    assert set(numeric["task"]) == {"classification", "regression"} and "fid_mean" in numeric

@@ -1,0 +1,114 @@
+"""`cfx aggregate --table paper`: a table laid out as the papers lay theirs out.
+
+Rows are methods (the ``--by`` keys), columns the papers' metrics in their order, each header with its
+direction (↑ higher is better, ↓ lower is better), cells mean ± std over seeds, the best mean of each
+column in bold (Markdown ``**`` and LaTeX ``\\textbf``). Rates are percentages, as in the papers' tables.
+A column no job has is left out and named below the table (e.g. FVA without face-verification weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Column:
+    metric: str        # the metrics.csv name
+    header: str
+    higher_is_better: bool
+    percent: bool = False
+
+    @property
+    def title(self) -> str:
+        return f"{self.header}{' (%)' if self.percent else ''} {'↑' if self.higher_is_better else '↓'}"
+
+
+# DiME / ACE / FastDiME / DVCE / LDCE tables (classification) and the regression papers' tables.
+CLASSIFICATION = (Column("fid", "FID", False), Column("sfid", "sFID", False), Column("fva", "FVA", True, True),
+                  Column("fs", "FS", True), Column("mnac", "MNAC", False), Column("cd", "CD", False),
+                  Column("cout", "COUT", True), Column("flip_rate", "Flip rate", True, True),
+                  Column("sigma_l", "σ_L", True))
+REGRESSION = (Column("success_rate", "Success", True, True), Column("mae_to_target", "MAE", False),
+              Column("fid", "FID", False), Column("lpips", "LPIPS", False), Column("sigma_l", "σ_L", True))
+LAYOUT = {"classification": CLASSIFICATION, "regression": REGRESSION}
+
+# The papers' names of cfx's methods, for the rows.
+METHOD_NAMES = {"dime": "DiME", "fastdime": "FastDiME", "ace": "ACE", "dvce": "DVCE", "ldce": "LDCE",
+                "diffae": "Diff-AE", "diffae_re": "Diff-AE-RE"}
+
+
+def _row_label(row: pd.Series, by: list[str], task: str) -> str:
+    parts = []
+    for key in by:
+        value = row[key]
+        if key == "method":
+            name = METHOD_NAMES.get(str(value), str(value))
+            parts.append("AC-RE" if name == "ACE" and task == "regression" else name)
+        else:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _cell(v, percent: bool) -> tuple[str, float]:
+    """(text, mean) of a (mean, std, count, n) cell."""
+    mean, std, count, n = v
+    if np.isnan(mean):
+        return "", np.nan
+    k = 100.0 if percent else 1.0
+    m, sd = mean * k, std * k
+    digits = 1 if percent or abs(m) >= 100 else 2 if abs(m) >= 1 else 3
+    text = f"{m:.{digits}f}" if np.isnan(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}"
+    return (text if count == n else f"{text} ({count} of {n} jobs)"), m
+
+
+def paper_table(df: pd.DataFrame, by: list[str], task: str) -> tuple[pd.DataFrame, dict[str, set[int]], list[str]]:
+    """(text table, {column title: rows holding the best mean}, metrics with no value in any row) from
+    ``aggregate.table``'s frame of one task."""
+    layout = LAYOUT[task]
+    text = pd.DataFrame({"Method": [_row_label(r, by, task) for _, r in df.iterrows()]})
+    best: dict[str, set[int]] = {}
+    absent = []
+    for col in layout:
+        if col.metric not in df.columns:
+            absent.append(col.metric)
+            continue
+        cells = [_cell(v, col.percent) if isinstance(v, tuple) else ("", np.nan) for v in df[col.metric]]
+        text[col.title] = [c[0] for c in cells]
+        means = np.array([c[1] for c in cells], dtype=float)
+        if np.isfinite(means).any():
+            target = np.nanmax(means) if col.higher_is_better else np.nanmin(means)
+            best[col.title] = {i for i, m in enumerate(means) if np.isfinite(m) and np.isclose(m, target)}
+    text["Jobs"] = [str(n) for n in df["n_jobs"]]
+    return text, best, absent
+
+
+def to_markdown(text: pd.DataFrame, best: dict[str, set[int]]) -> str:
+    bold = text.copy()
+    for title, rows in best.items():
+        for i in rows:
+            bold.iloc[i, bold.columns.get_loc(title)] = f"**{bold.iloc[i, bold.columns.get_loc(title)]}**"
+    return bold.to_markdown(index=False)
+
+
+def to_latex(text: pd.DataFrame, best: dict[str, set[int]]) -> str:
+    """A booktabs tabular: arrows as $\\uparrow$/$\\downarrow$, σ as $\\sigma$, the best cell in \\textbf."""
+    from cfx_cli.aggregate import latex_escape
+
+    def header(title: str) -> str:
+        t = latex_escape(title.replace(" ↑", "").replace(" ↓", "").replace("σ_L", "SIGMA"))
+        t = t.replace("SIGMA", "$\\sigma_L$")
+        return t + (" $\\uparrow$" if title.endswith("↑") else " $\\downarrow$" if title.endswith("↓") else "")
+
+    cols = list(text.columns)
+    lines = [f"\\begin{{tabular}}{{l{'r' * (len(cols) - 1)}}}", "\\toprule",
+             " & ".join(header(c) for c in cols) + " \\\\", "\\midrule"]
+    for i, (_, row) in enumerate(text.iterrows()):
+        cells = []
+        for c in cols:
+            cell = latex_escape(row[c])
+            cells.append(f"\\textbf{{{cell}}}" if i in best.get(c, ()) and cell else cell)
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", ""]
+    return "\n".join(lines)
