@@ -33,7 +33,8 @@ from cfx_cli.errors import CfxError
 from cfx_cli.metrics.realism import REALISM
 
 ATTRIBUTE_METRICS = ("mnac", "cd")
-KNOWN = (*REALISM, "cout", *ATTRIBUTE_METRICS)
+CLOSENESS = ("lpips", "fva", "fs", "s3")  # per sample (their set values: cfx_cli.metrics.summary.closeness)
+KNOWN = (*REALISM, "cout", *CLOSENESS, *ATTRIBUTE_METRICS)
 
 
 def compose(overrides=()) -> DictConfig:
@@ -189,6 +190,52 @@ def cout_metric(ecfg: DictConfig, cfg: DictConfig | None, pairs: Pairs, device) 
     return values
 
 
+def lpips_model(ecfg: DictConfig, prefix: str = ""):
+    """LPIPS as ``lpips`` configures it (MissingWeights when a file is not there)."""
+    from cfx_cli.metrics.perceptual import build_lpips
+
+    c = ecfg.lpips
+    return build_lpips(str(c.net), backbone_weights=c.get("backbone_weights"), lin_weights=c.get("lin_weights"),
+                       oracle=c.get("oracle"), key=f"{prefix}lpips")
+
+
+def closeness_metrics(ecfg: DictConfig, names: list[str], pairs: Pairs, device, prefix: str = ""
+                      ) -> dict[str, np.ndarray]:
+    """Per-sample lpips, fs and fva (face verification), s3 (SimSiam) columns; a network whose weights are
+    missing is one warning and no column."""
+    from cfx_cli.metrics import identity
+    from cfx_cli.metrics.perceptual import lpips_distance
+    from cfx_cli.metrics.realism import MissingWeights
+
+    bs = int(ecfg.batch_size)
+    columns: dict[str, np.ndarray] = {}
+
+    def per_pair(net, fn) -> np.ndarray:
+        return np.concatenate([fn(net, x, x_cf, bs, device) for _, x, x_cf in pairs.batches(bs)])
+
+    jobs = []
+    if "lpips" in names:
+        jobs.append((["lpips"], lambda: lpips_model(ecfg, prefix), lambda net: {"lpips": per_pair(net, lpips_distance)}))
+    faces = [m for m in ("fva", "fs") if m in names]
+    if faces:
+        def face_columns(net):
+            cos = per_pair(net, identity.face_similarity)
+            return {"fs": cos, "fva": identity.fva(cos, float(ecfg.identity.threshold)).astype(float)}
+        jobs.append((faces, lambda: identity.build_face_verifier(ecfg.identity.weights, key=f"{prefix}identity.weights"),
+                     face_columns))
+    if "s3" in names:
+        jobs.append((["s3"], lambda: identity.build_simsiam(ecfg.s3.weights, key=f"{prefix}s3.weights"),
+                     lambda net: {"s3": per_pair(net, identity.s3_similarity)}))
+    for wanted, build, run in jobs:
+        try:
+            net = build()
+        except MissingWeights as e:
+            warn(f"{', '.join(wanted)} not computed: {e}")
+            continue
+        columns.update(run(net.to(device).eval()))
+    return columns
+
+
 def attribute_metrics(ecfg: DictConfig, cfg: DictConfig | None, names: list[str], pairs: Pairs, success, device
                       ) -> tuple[dict, dict]:
     from hydra.utils import instantiate
@@ -307,34 +354,53 @@ def metric_names(ecfg: DictConfig) -> list[str]:
     return names
 
 
-def compute(pairs: Pairs, ecfg: DictConfig, cfg: DictConfig | None, names: list[str], device
-            ) -> tuple[dict[str, float], dict[str, dict[int, float]], dict[str, float]]:
+def compute(pairs: Pairs, ecfg: DictConfig, cfg: DictConfig | None, names: list[str], device, prefix: str = "",
+            soft: bool = False) -> tuple[dict[str, float], dict[str, dict[int, float]], dict[str, float]]:
     """``names`` on ``pairs``: (set-level values, per-sample columns by index, seconds per metric group).
-    Writes nothing."""
+    Writes nothing. ``prefix``: where the settings sit in the config, for messages naming a key. ``soft``
+    (inside a job, whose counterfactuals are already saved): a group that cannot be computed (a missing
+    file, say) is one warning line, and the job still ends done."""
+    from cfx_cli.metrics.summary import closeness
+
     success = _success(pairs.rows)
     level: dict[str, float] = {}
     per: dict[str, dict[int, float]] = {}
     seconds: dict[str, float] = {}
     index = pairs.index.tolist()
 
-    wanted = [m for m in REALISM if m in names]
-    if wanted:
-        t0 = time.time()
+    def realism_group(wanted):
         level.update(realism_metrics(ecfg, cfg, wanted, pairs, success, device))
-        seconds[", ".join(wanted)] = time.time() - t0
-    if "cout" in names:
-        t0 = time.time()
+
+    def cout_group(wanted):
         values = cout_metric(ecfg, cfg, pairs, device)
         if values is not None:
             per["cout"] = dict(zip(index, values.tolist()))
             level["cout"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        seconds["cout"] = time.time() - t0
-    wanted = [m for m in ATTRIBUTE_METRICS if m in names]
-    if wanted:
-        t0 = time.time()
+
+    def closeness_group(wanted):
+        columns = closeness_metrics(ecfg, wanted, pairs, device, prefix)
+        per.update({k: dict(zip(index, v.tolist())) for k, v in columns.items()})
+        level.update({k: v for k, v in closeness(pairs.rows.assign(**columns)).items() if k in wanted})
+
+    def attribute_group(wanted):
         columns, values = attribute_metrics(ecfg, cfg, wanted, pairs, success, device)
         per.update({k: dict(zip(index, v.tolist())) for k, v in columns.items()})
         level.update(values)
+
+    for group, run in ((REALISM, realism_group), (("cout",), cout_group), (CLOSENESS, closeness_group),
+                       (ATTRIBUTE_METRICS, attribute_group)):
+        wanted = [m for m in group if m in names]
+        if not wanted:
+            continue
+        t0 = time.time()
+        try:
+            run(wanted)
+        except Exception as e:  # noqa: BLE001 - see soft
+            if not soft or isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warn(f"{', '.join(wanted)} not computed ({prefix}...): {first}; the job's counterfactuals are saved: "
+                 f"`cfx evaluate` adds them later")
         seconds[", ".join(wanted)] = time.time() - t0
     return level, per, seconds
 
@@ -401,7 +467,7 @@ def in_job(job: Path, cfg: DictConfig, device) -> tuple[dict[str, float], float]
         pairs = Pairs(job)
     except CfxError:  # no sample has both images (every sample failed): nothing to measure
         return {}, 0.0
-    level, per, seconds = compute(pairs, ecfg, cfg, names, device)
+    level, per, seconds = compute(pairs, ecfg, cfg, names, device, prefix="metrics.evaluate.", soft=True)
     if per:
         update_samples(job, per)
     elapsed = time.time() - t0
@@ -466,3 +532,29 @@ def _override_error(exc: BaseException) -> str | None:
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         return str(exc).strip().splitlines()[0]
     return None
+
+
+def sigma_l(jobs: list[list[Path]], cfg: dict | DictConfig) -> float | None:
+    """σ_L of jobs that differ only in their seed (each given by its folder, or its shard folders): per
+    image whose counterfactual succeeded in every job, the mean LPIPS over pairs of seeds; the mean over
+    those images (DiME's compute_LPIPS uses net=vgg: lpips.net=vgg for its numbers). None when the jobs' config asks no LPIPS (``metrics.evaluate.lpips``)."""
+    from cfx_cli.metrics.perceptual import sigma_l as per_image
+    from cfx_cli.run import resolve_device
+
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    ecfg = OmegaConf.select(cfg, "metrics.evaluate")
+    if ecfg is None or ecfg.get("lpips") is None or "lpips" not in metric_names(ecfg):
+        return None
+    pairs = [Pairs(j) for j in jobs]
+    # DiME's compute_LPIPS: the images whose counterfactual succeeded in every run
+    common = set.intersection(*({int(i) for i, ok in zip(p.index, _success(p.rows)) if ok} for p in pairs))
+    if not common:
+        raise CfxError(f"the {len(jobs)} seeds' jobs share no image whose counterfactual succeeded in each")
+    idx = sorted(common)
+    images = []
+    for p in pairs:
+        where = dict(zip(p.index.tolist(), p.folders))
+        images.append(torch.stack([load_image(where[i] / "counterfactual" / f"{i}.png") for i in idx]))
+    device = resolve_device(OmegaConf.select(ecfg, "device", default="auto"))
+    net = lpips_model(ecfg, "metrics.evaluate.")
+    return float(per_image(images, net, int(ecfg.batch_size), device).mean())

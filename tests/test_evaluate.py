@@ -224,3 +224,57 @@ def test_a_sharded_run_gets_its_set_level_metrics_from_aggregate_over_all_shards
     own = dict(pd.read_csv(whole / "metrics.csv").values)
     assert df["fid"].iloc[0][0] == pytest.approx(own["fid"], rel=1e-6)
     assert df["sfid"].iloc[0][0] == pytest.approx(own["sfid"], rel=1e-6)
+
+
+def test_paper_table_has_sigma_l_across_seeds(whole, tmp_path, capsys):
+    """σ_L: per image, LPIPS between the counterfactuals of the two seeds (here in the oracle's features, as the
+    synthetic metrics configure it), averaged over the images."""
+    from cfx_cli import aggregate
+    from cfx_cli.api import compose as run_compose
+    from cfx_cli.metrics.perceptual import build_lpips
+    from cfx_cli.run import job
+
+    root = tmp_path / "sweep"
+    seed0 = copy(whole, root / "seed0")
+    cfg = run_compose([*JOB, "data.num_shards=1", "seed=1"])
+    seed1 = root / "seed1"
+    job(cfg, seed1)
+    (seed1 / ".hydra").mkdir()
+    OmegaConf.save(cfg, seed1 / ".hydra" / "config.yaml")
+    df = aggregate.aggregate([str(root), "--table", "paper"])
+    (rows0, _, a), (rows1, _, b) = load_pairs(seed0), load_pairs(seed1)
+    both = torch.from_numpy(rows0["success"].to_numpy(bool) & rows1["success"].to_numpy(bool))
+    assert 2 <= both.sum() < len(both)  # over the images whose counterfactual succeeded with both seeds
+    a, b = a[both], b[both]
+    assert not torch.equal(a, b)  # the seeds made other counterfactuals
+    net = build_lpips("oracle", oracle=str(ZOO_DIR / "synthetic_oracle"))
+    with torch.no_grad():
+        expected = float(net(a, b).mean())
+    assert df["sigma_l"].iloc[0][0] == pytest.approx(expected, rel=1e-6)
+    md = (root / "paper_table.md").read_text()
+    assert "σ_L ↑" in md and "FastDiME" in md and f"**{expected:.2f}**" in md  # ≥ 1: two decimals
+
+
+def test_fva_fs_over_the_successful_counterfactuals_s3_over_the_correctly_classified():
+    from cfx_cli.metrics.summary import closeness
+
+    rows = pd.DataFrame({"success": [True, False, True, True], "label": [0, 0, 1, 1], "pred": [0, 1, 1, 0],
+                         "fs": [0.9, 0.1, 0.4, 0.6], "fva": [1.0, 0.0, 0.0, 1.0], "s3": [0.8, 0.2, 0.5, 0.1]})
+    got = closeness(rows)
+    # by hand: successful rows 0, 2, 3; correctly classified rows 0, 2
+    assert got["fs"] == pytest.approx((0.9 + 0.4 + 0.6) / 3) and got["fva"] == pytest.approx(2 / 3)
+    assert got["s3"] == pytest.approx((0.8 + 0.5) / 2)
+
+
+def test_a_metric_whose_weights_are_missing_does_not_fail_the_job(tmp_path, capsys):
+    from cfx_cli.api import compose as run_compose
+    from cfx_cli.run import job
+
+    cfg = run_compose(["debug=fast", "device=cpu", "dataset.num_images=4", "metrics.evaluate.metrics=[fva,fs,cout]",
+                       f"metrics.evaluate.identity.weights={tmp_path / 'resnet50_ft_weight.pkl'}"])
+    metrics = job(cfg, tmp_path / "job")
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if "fva, fs not computed" in ln]
+    assert len(line) == 1 and "metrics.evaluate.identity.weights=" in line[0], err
+    status = __import__("json").loads((tmp_path / "job" / "status.json").read_text())
+    assert status["state"] == "done" and "cout" in metrics and "fva" not in metrics

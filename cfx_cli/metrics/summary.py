@@ -11,7 +11,7 @@ MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
          "nfe_model_backward": "nfe_model_backward", "nfe_robust_model": "nfe_robust_model",
          "nfe_robust_model_backward": "nfe_robust_model_backward", "nfe_decoder": "nfe_decoder",
          "nfe_decoder_backward": "nfe_decoder_backward", "pgd_iterations": "pgd_iterations",
-         "iterations": "iterations", "cout": "cout",
+         "iterations": "iterations", "cout": "cout", "lpips": "lpips",
          "seconds": "seconds_per_cf"}
 # Column -> name of its maximum: the peak memory of the job's largest batch.
 MAXES = {"peak_mem_mib": "peak_mem_mib"}
@@ -36,9 +36,26 @@ def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
     for col, name in MEANS.items():
         if col in ok and len(ok) and ok[col].notna().any():
             res[name] = float(ok[col].astype(float).mean())
+    res.update(closeness(samples[~failed]))
     for col, name in MAXES.items():
         if col in samples and samples[col].notna().any():
             res[name] = float(samples[col].astype(float).max())
+    return res
+
+
+def closeness(samples: pd.DataFrame) -> dict[str, float]:
+    """FVA and FS over the successful counterfactuals (DiME/ACE count only those), S3 over the correctly
+    classified originals (ACE), from the per-sample ``fva``/``fs``/``s3`` columns; NaN when none is left."""
+    res = {}
+    ok = samples["success"].astype(str) == "True" if "success" in samples else pd.Series(False, index=samples.index)
+    for col in ("fva", "fs"):
+        if col in samples and samples[col].notna().any():
+            v = pd.to_numeric(samples.loc[ok, col], errors="coerce").dropna()
+            res[col] = float(v.mean()) if len(v) else np.nan
+    if "s3" in samples and samples["s3"].notna().any() and {"label", "pred"} <= set(samples):
+        correct = pd.to_numeric(samples["label"], errors="coerce") == pd.to_numeric(samples["pred"], errors="coerce")
+        v = pd.to_numeric(samples.loc[correct, "s3"], errors="coerce").dropna()
+        res["s3"] = float(v.mean()) if len(v) else np.nan
     return res
 
 
