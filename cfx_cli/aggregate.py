@@ -417,16 +417,7 @@ def paper(args, records: list[dict]) -> pd.DataFrame:
     out = Path(args.out or args.paths[0])
     out.mkdir(parents=True, exist_ok=True)
     md, tex, numeric, frames = [], [], [], []
-    for task, layout in P.LAYOUT.items():
-        rs = [r for r in records if r["state"] == "done" and (r.get("task") or "classification") == task]
-        if not rs:
-            continue
-        df = table(rs, args.by, [c.metric for c in layout])
-        sigma = sigma_l(rs, args.by)
-        if sigma:
-            df["sigma_l"] = [sigma.get(tuple(str(row[k]) for k in args.by), (np.nan, np.nan, 0, row["n_jobs"]))
-                             for _, row in df.iterrows()]
-        text, best, absent = P.paper_table(df, args.by, task)
+    for task, df, text, best, absent in paper_tables(records, args.by):
         md.append(f"**{task.capitalize()}** (mean ± std over seeds; best in bold)\n\n" + P.to_markdown(text, best)
                   + (f"\n\nNo job has: {', '.join(absent)}." if absent else ""))
         tex.append(P.to_latex(text, best))
@@ -450,6 +441,25 @@ def paper(args, records: list[dict]) -> pd.DataFrame:
     df.attrs["not_included"] = len(problems)
     df.attrs["jobs"] = len(records)
     return df
+
+
+def paper_tables(records: list[dict], by: list[str]) -> list[tuple]:
+    """(task, numeric frame, text table, {column: best rows}, metrics no job has) per task with finished jobs,
+    in the papers' layout (σ_L included where jobs differ only in their seed)."""
+    from cfx_cli import paper_table as P
+
+    out = []
+    for task, layout in P.LAYOUT.items():
+        rs = [r for r in records if r["state"] == "done" and (r.get("task") or "classification") == task]
+        if not rs:
+            continue
+        df = table(rs, by, [c.metric for c in layout])
+        sigma = sigma_l(rs, by)
+        if sigma:
+            df["sigma_l"] = [sigma.get(tuple(str(row[k]) for k in by), (np.nan, np.nan, 0, row["n_jobs"]))
+                             for _, row in df.iterrows()]
+        out.append((task, df, *P.paper_table(df, by, task)))
+    return out
 
 
 def sigma_l(records: list[dict], by: list[str]) -> dict[tuple, tuple]:

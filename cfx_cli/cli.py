@@ -19,9 +19,11 @@ commands:
                                         synthetic_shape_biased, synthetic_shape_robust, synthetic_size,
                                         synthetic_oracle, synthetic_ldm, synthetic_diffae) or train on
                                         your images (classifier|ddpm dataset=folder dataset.root=...)
-  aggregate  PATH... [--by KEY...]      job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
-  evaluate   JOB [overrides...]         add or recompute metrics (fid, sfid, kid, cout, mnac, cd) on a finished
-                                        job from its saved images (settings: conf/evaluate/default.yaml)
+  aggregate  PATH... [--by KEY...] [--table paper]
+                                        job folders or sweep folders -> tables (Markdown, CSV, LaTeX)
+  report     PATH... [--by KEY...]      job or sweep folders -> one offline HTML page: table, images, plot
+  evaluate   JOB [overrides...]         add or recompute metrics (fid sfid kid cout lpips fva fs s3 mnac cd) on a
+                                        finished job from its saved images (settings: conf/evaluate/default.yaml)
   calibrate  [overrides...] --values V... [--rate R] [--images N]
                                         the smallest guidance strength reaching a flip rate on a few images
   doctor     [overrides...]             before a long job: every file it needs, and whether each part loads
@@ -185,6 +187,10 @@ def _main(argv: list[str] | None = None) -> None:
         from cfx_cli.aggregate import main as aggregate_main
 
         aggregate_main(rest)
+    elif cmd == "report":
+        from cfx_cli.report import main as report_main
+
+        report_main(rest)
     elif cmd == "evaluate":
         from cfx_cli.evaluate import main as evaluate_main
 

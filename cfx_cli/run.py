@@ -363,12 +363,15 @@ def cost_columns(meter: CostMeter) -> dict:
 # Keys that do not change a sample's counterfactual: a job may resume with other values
 # (more images, another batch size or device).
 RESUMABLE_KEYS = ("device", "batch_size", "dataset.num_images")
+# The metrics measured at the job's end do not make its samples: a resumed job may measure others.
+RESUMABLE_PREFIXES = ("metrics.evaluate.",)
 
 
 def result_config(cfg: DictConfig) -> dict:
     """The resolved config, flattened, without the keys a resumed job may change."""
     config = flatten_config(OmegaConf.to_container(cfg, resolve=True))
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RESUMABLE_KEYS}, default=str))
+    return json.loads(json.dumps({k: v for k, v in config.items()
+                                  if k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_PREFIXES)}, default=str))
 
 
 def check_resume(writer: JobWriter, config: dict) -> None:

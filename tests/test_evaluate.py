@@ -278,3 +278,15 @@ def test_a_metric_whose_weights_are_missing_does_not_fail_the_job(tmp_path, caps
     assert len(line) == 1 and "metrics.evaluate.identity.weights=" in line[0], err
     status = __import__("json").loads((tmp_path / "job" / "status.json").read_text())
     assert status["state"] == "done" and "cout" in metrics and "fva" not in metrics
+
+
+def test_a_job_resumed_with_other_end_metrics_is_not_refused(whole, tmp_path):
+    """The metrics measured at the end do not make the samples: another list re-measures, it is not another job."""
+    from cfx_cli.api import compose as run_compose
+    from cfx_cli.run import job
+
+    folder = copy(whole, tmp_path / "job")
+    samples = raw(folder / "samples.csv")
+    metrics = job(run_compose([*JOB, "data.num_shards=1", "metrics.evaluate.metrics=[kid]"]), folder)
+    assert "kid" in metrics and "fid" not in metrics
+    assert raw(folder / "samples.csv")[list(samples.columns)].equals(samples)  # nothing regenerated
