@@ -255,15 +255,20 @@ def attribute_metrics(ecfg: DictConfig, cfg: DictConfig | None, names: list[str]
             query = resolve_query(cfg.dataset.query)
         except CfxError:
             query = None
+    oracle = instantiate(a.oracle).to(device)
+    if query == "auto":  # the oracle knows its queried attribute (the synthetic one: the classifier's shape)
+        task = "regression" if cfg is not None and cfg.get("regressor") else "classification"
+        query = oracle.query_for(task) if hasattr(oracle, "query_for") else None
     labels = None
     if "cd" in names:
         if a.get("train_labels") is None or query is None:
             warn("cd not computed: it needs attributes.train_labels (the training labels) and attributes.query "
                  "(the queried attribute's column)")
             names = [n for n in names if n != "cd"]
+        elif isinstance(a.train_labels, DictConfig):  # a _target_ node making the N×A labels
+            labels = np.asarray(instantiate(a.train_labels))
         else:
             labels = load_labels(a.train_labels)
-    oracle = instantiate(a.oracle).to(device)
     metrics = AttributeMetrics(oracle, threshold=float(a.threshold), query=None if query is None else int(query),
                                train_labels=labels, exclude_query=bool(a.exclude_query),
                                batch_size=int(ecfg.batch_size))

@@ -195,7 +195,7 @@ def test_a_job_measures_its_metrics_and_cfx_evaluate_reproduces_them(whole, tmp_
     own = dict(pd.read_csv(whole / "metrics.csv").values)
     fid, ok = oracle_fid(whole)  # recomputed here from the saved images
     assert ok.sum() >= 2 and own["fid"] == pytest.approx(fid, rel=1e-9)
-    assert {"sfid", "kid", "kid_std", "cout"} <= set(own) and own["metrics_seconds"] > 0
+    assert {"sfid", "kid", "kid_std", "cout", "lpips", "cd"} <= set(own) and own["metrics_seconds"] > 0
     samples = read_samples(whole)
     assert own["cout"] == pytest.approx(samples["cout"].mean(), rel=1e-9)
     job = copy(whole, tmp_path / "job")
