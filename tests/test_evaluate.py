@@ -217,7 +217,7 @@ def test_a_sharded_run_gets_its_set_level_metrics_from_aggregate_over_all_shards
         copy(s, root / s.name)
     df = aggregate.aggregate([str(root), "--metrics", "fid", "sfid", "kid", "cout", "flip_rate"])
     err = capsys.readouterr().err
-    assert "fid, sfid, kid, kid_std over the merged samples of 2 shards" in err
+    assert "fid, sfid, kid, kid_std, cd over the merged samples of 2 shards" in err
     fid, _ = oracle_fid([root / s.name for s in shards])
     assert len(df) == 1 and df["fid"].iloc[0][0] == pytest.approx(fid, rel=1e-9)
     # the same images in one job: the same set-level numbers
