@@ -5,7 +5,8 @@
     cfx evaluate JOB metrics=[fid,sfid,kid] realism.features=inception realism.inception_weights=/w/pt_inception.pth
     cfx evaluate JOB metrics=[mnac,cd] attributes.oracle={_target_:my.Oracle} attributes.train_labels=labels.npy
 
-Settings: conf/evaluate/default.yaml (Hydra overrides: key=value, lists as metrics=[fid,cout]). Set-level
+Settings: the job's own (its metrics.evaluate: what `cfx run` measured it with), else conf/evaluate/default.yaml;
+Hydra overrides on top (key=value, lists as metrics=[fid,cout]). Set-level
 values replace their rows of the job's metrics.csv (its other rows are kept as written) or are added;
 per-sample values (cout, mnac) become samples.csv columns. Every row of samples.csv counts, whatever the
 job's data.shard, so a folder that holds the merged rows of a sharded run gets set-level metrics over all
@@ -51,6 +52,30 @@ def compose(overrides=()) -> DictConfig:
             return hydra_compose(config_name="default", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+def settings(job, overrides=()) -> DictConfig:
+    """The job's own ``metrics.evaluate`` settings (what ``cfx run`` measured it with: the synthetic
+    benchmark's oracle features, its LPIPS, ...) with the command line's overrides on top; for a job
+    without them (made before cfx measured metrics in the job), conf/evaluate/default.yaml."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cli = compose(overrides)
+    cfg = job_config(Path(job)) if Path(job).is_dir() else None
+    own = OmegaConf.select(cfg, "metrics.evaluate") if cfg is not None else None
+    if own is None:
+        return cli
+    try:
+        base = OmegaConf.create(OmegaConf.to_container(own, resolve=True))
+    except Exception as e:  # noqa: BLE001 - an interpolation this machine cannot resolve
+        warn(f"the job's metrics.evaluate settings cannot be read ({str(e).splitlines()[0]}); using "
+             f"conf/evaluate/default.yaml")
+        return cli
+    base = OmegaConf.merge(compose(()), base)  # keys added since the job ran get their defaults
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.get_key_element().lstrip("+~")
+        OmegaConf.update(base, key, OmegaConf.select(cli, key), merge=False, force_add=True)
+    return base
 
 
 def warn(msg: str) -> None:
@@ -516,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     from cfx_cli.cli import _user_error
 
     try:
-        ecfg = compose(args.overrides)
+        ecfg = settings(args.job, args.overrides)
         if args.cfg:
             print(OmegaConf.to_yaml(ecfg))
             return

@@ -290,3 +290,18 @@ def test_a_job_resumed_with_other_end_metrics_is_not_refused(whole, tmp_path):
     metrics = job(run_compose([*JOB, "data.num_shards=1", "metrics.evaluate.metrics=[kid]"]), folder)
     assert "kid" in metrics and "fid" not in metrics
     assert raw(folder / "samples.csv")[list(samples.columns)].equals(samples)  # nothing regenerated
+
+
+def test_cfx_evaluate_starts_from_the_jobs_own_settings(whole, tmp_path):
+    from cfx_cli.evaluate import settings
+
+    own = settings(whole)  # what the job was measured with: the synthetic oracle's LPIPS, its metric list
+    assert own.lpips.net == "oracle" and "cd" in own.metrics and own.batch_size == 6
+    changed = settings(whole, ["metrics=[lpips]", "lpips.net=alex", "batch_size=2"])
+    assert list(changed.metrics) == ["lpips"] and changed.lpips.net == "alex" and changed.batch_size == 2
+    assert changed.attributes.query == "auto"  # the rest stays the job's
+    old = copy(whole, tmp_path / "old")  # a job made before jobs recorded metrics.evaluate: the defaults
+    cfg = OmegaConf.load(old / ".hydra" / "config.yaml")
+    del cfg.metrics["evaluate"]
+    OmegaConf.save(cfg, old / ".hydra" / "config.yaml")
+    assert settings(old).lpips.net == "alex" and list(settings(old).metrics) == ["fid", "sfid", "kid", "cout"]
