@@ -376,11 +376,12 @@ def update_samples(job: Path, columns: dict[str, dict[int, float]]) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- driver
-def metric_names(ecfg: DictConfig) -> list[str]:
+def metric_names(ecfg: DictConfig, prefix: str = "") -> list[str]:
     names = [str(m) for m in (ecfg.metrics if not isinstance(ecfg.metrics, str) else [ecfg.metrics])]
     unknown = [m for m in names if m not in KNOWN]
     if unknown:
-        raise CfxError(f"metrics={unknown[0]} is unknown; choose among {', '.join(KNOWN)} (e.g. metrics=[fid,cout])")
+        raise CfxError(f"{prefix}metrics={unknown[0]} is unknown; choose among {', '.join(KNOWN)} "
+                       f"(e.g. {prefix}metrics=[fid,cout])")
     return names
 
 

@@ -23,7 +23,7 @@ from cfx_cli.methods.base import CFResult, SampleRNG
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.models.counting import CostMeter, Counted
 from cfx_cli.metrics.sample import OracleMetrics, distances
-from cfx_cli.evaluate import in_job
+from cfx_cli.evaluate import in_job, metric_names
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.objectives import build_objective
 from cfx_cli.outputs import JobLock, JobWriter, diff_image, flatten_config, read_samples, write_json
@@ -493,6 +493,8 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         int_key(cfg, "data.num_shards", 1)
         int_key(cfg, "data.shard", 0)
         torch.manual_seed(cfg.seed)
+        if OmegaConf.select(cfg, "metrics.evaluate.metrics"):  # a typo fails now, not after the whole job
+            metric_names(cfg.metrics.evaluate, "metrics.evaluate.")
         parts = build(cfg, device)
         dataset, model, objective = parts["dataset"], parts["model"], parts["objective"]
         task = model.task

@@ -19,7 +19,8 @@ def test_default_config_is_ready(compose):
     files = {c.name: c.value for c in checks if c.group == "file"}
     assert files == {"classifier.path": str(ZOO_DIR / "synthetic_shape"),
                      "diffusion.path": str(ZOO_DIR / "synthetic_ddpm"),
-                     "metrics.oracle.path": str(ZOO_DIR / "synthetic_oracle")}
+                     "metrics.oracle.path": str(ZOO_DIR / "synthetic_oracle"),
+                     "metrics.evaluate.attributes.oracle.path": str(ZOO_DIR / "synthetic_oracle")}
     for part in ("device", "dataset", "job", "classifier", "target", "diffusion", "image size", "sampler", "method",
                  "metrics.oracle"):
         assert named[part].ok is True, part

@@ -137,6 +137,7 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     ("dataset=folder", "dataset.root has no value"),
     ("method.variant=3", "method.variant='3' is unknown"),
     ("method.tau=500", "method.tau=500 must lie in 1..50"),
+    ("metrics.evaluate.metrics=[fid,fidd]", "metrics.evaluate.metrics=fidd is unknown"),
     ("method.tau=0", "method.tau=0 must lie in 1..50"),
     ("sampler.steps=5000", "sampler.steps=5000 must lie in 1..1000"),
     ("sampler=ddim", "method=fastdime guides the DDPM posterior mean"),
