@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from cfx_cli.errors import CfxError
 from cfx_cli.metrics.realism import MissingWeights
+from cfx_cli.models.classifiers import check_layout
 from cfx_cli.models.torchvision_arch import ResNet, resnet50
 
 __all__ = ["NumpyOnlyUnpickler", "read_numpy_pickle", "vggface2_resnet50", "FaceVerifier", "build_face_verifier",
@@ -142,16 +143,8 @@ def _loaded(make, state: dict[str, Tensor], path: Path, key: str, fmt: str, sour
     with torch.device("meta"):
         net = make()
     want = net.state_dict()
-    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in want]
-    if missing or unexpected:
-        first = "; ".join(s for s in (f"{len(missing)} keys missing (first: {missing[0]})" if missing else "",
-                                      f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "") if s)
-        raise CfxError(f"{key}={path} does not match the expected format, {fmt}: {first}; it must be {source}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(want[k].shape):
-            raise CfxError(f"{key}={path} does not match the expected format, {fmt}: {k} has shape "
-                           f"{list(v.shape)}, expected {list(want[k].shape)}; it must be {source}")
+    check_layout(state, want, [k for k in state if k not in want],
+                 f"{key}={path} does not match the expected format, {fmt}", f"; it must be {source}")
     full = {k: (state[k].to(want[k].dtype) if k in state else torch.zeros((), dtype=want[k].dtype)) for k in want}
     net = net.to_empty(device="cpu")
     net.load_state_dict(full, strict=True)

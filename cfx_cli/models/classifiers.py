@@ -83,6 +83,20 @@ def _find_prefix(flat: Mapping[str, Tensor], expected: set[str]) -> str:
     return min(counts, key=lambda p: (-counts[p], len(p), p))
 
 
+def check_layout(state: Mapping[str, Tensor], want: Mapping[str, Tensor], unexpected, what: str, fix: str = "") -> None:
+    """One CfxError line (``what``: the key, the file and its expected format; ``fix`` after it) unless
+    ``state`` has every key of ``want`` (BN counters optional) with its shape and no ``unexpected`` key."""
+    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        first = "; ".join(s for s in (
+            f"{len(missing)} keys missing (first: {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "") if s)
+        raise CfxError(f"{what}: {first}{fix}")
+    for k, v in state.items():
+        if k in want and tuple(v.shape) != tuple(want[k].shape):
+            raise CfxError(f"{what}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)}{fix}")
+
+
 def read_layout(path, net: nn.Module, fmt: str, key: str = "classifier.path", source: str = "",
                 groups: tuple[str, ...] = ("",)) -> dict[str, Tensor]:
     """The state dict for ``net`` found in the file at ``path``, as float32, or one clear CfxError.
@@ -104,16 +118,7 @@ def read_layout(path, net: nn.Module, fmt: str, key: str = "classifier.path", so
                 state[k[len(p):]] = v
                 consumed.add(k)
     unexpected = sorted(k for k in flat if any(k.startswith(p) for p in prefixes) and k not in consumed)
-    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        first = "; ".join(s for s in (
-            f"{len(missing)} keys missing (first: {missing[0]})" if missing else "",
-            f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "") if s)
-        raise CfxError(f"{key}={path} does not match the expected format, {fmt}: {first}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(want[k].shape):
-            raise CfxError(f"{key}={path} does not match the expected format, {fmt}: {k} has shape "
-                           f"{list(v.shape)}, expected {list(want[k].shape)}")
+    check_layout(state, want, unexpected, f"{key}={path} does not match the expected format, {fmt}")
     for k, v in want.items():  # absent BN counters keep the module's own
         state.setdefault(k, v)
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
