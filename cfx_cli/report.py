@@ -2,8 +2,9 @@
 
     cfx report <job folder | sweep folder>... [--by KEY...] [--samples N] [--out FILE]
 
-The page (``report.html`` in the first folder by default) holds: what was run and when; the table of
-`cfx aggregate` (mean ± std over seeds, one row per value of the --by keys, method by default); per row,
+The page (``report.html`` in the first folder by default) holds: what was run and when; the papers' table
+(`cfx aggregate --table paper`: their metrics, ↑/↓, the best in bold) and the table of every metric (mean ±
+std over seeds, one row per value of the --by keys, method by default); per row,
 for each of its job folders, a grid of originals / counterfactuals / difference heat-maps (and masks,
 pre-explanations, reconstructions, heat-maps where the method writes them) for the first N samples, each
 column labelled with its index, label -> target and whether it succeeded; the failed and unsuccessful
