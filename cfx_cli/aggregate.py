@@ -33,7 +33,7 @@ DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "mae_to_target_
                    "peak_mem_mib", "fid", "cout", "metrics_seconds"]
 
 # Record fields that are not config, and config keys that may differ between the jobs of one row.
-BOOKKEEPING = {"job", "state", "error", "metrics", "task"}
+BOOKKEEPING = {"job", "folders", "state", "error", "metrics", "task"}
 NOT_A_MIX = {"seed", "data.shard", "data.num_shards", "device", "batch_size"}
 
 
@@ -83,6 +83,11 @@ def _job_record(job: Path) -> dict:
     return rec
 
 
+def job_folders(record: dict) -> list[Path]:
+    """The folders of a record: its own, or those of the shards merged into it (folder names may hold ',')."""
+    return [Path(f) for f in record.get("folders") or [record["job"]]]
+
+
 def merge_shards(records: list[dict]) -> list[dict]:
     """One record per job: shards (same config but data.shard) are merged through their samples.
 
@@ -103,7 +108,7 @@ def merge_shards(records: list[dict]) -> list[dict]:
                     r["state"], r["error"] = "incomplete", "state done but metrics.csv is missing or empty"
             merged.extend(rs)
             continue
-        r = dict(rs[0], job=",".join(x["job"] for x in rs))
+        r = dict(rs[0], job=",".join(x["job"] for x in rs), folders=[x["job"] for x in rs])
         done = [x for x in rs if x["state"] == "done"]
         done_shards = {_int(x.get("data.shard"), 0) for x in done}
         absent = [i for i in range(expected) if i not in done_shards]
@@ -477,7 +482,7 @@ def sigma_l(records: list[dict], by: list[str]) -> dict[tuple, tuple]:
         if len(seeds) < 2:
             continue
         rs = [next(r for r in rs if str(r.get("seed")) == s) for s in sorted(seeds)]
-        value = _sigma_l_of([[Path(j) for j in r["job"].split(",")] for r in rs])
+        value = _sigma_l_of([job_folders(r) for r in rs])
         if value is not None:
             per_row.setdefault(tuple(str(rs[0].get(k)) for k in by), []).append(value)
     return {k: (float(np.mean(v)), np.nan, len(v), len(v)) for k, v in per_row.items()}

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cfx_cli.aggregate import (DEFAULT_METRICS, check_by, find_jobs, job_record, merge_shards, missing_sweep_jobs,
-                               mixed_rows, render, table)
+from cfx_cli.aggregate import (BOOKKEEPING, DEFAULT_METRICS, check_by, find_jobs, job_folders, job_record, merge_shards,
+                               missing_sweep_jobs, mixed_rows, render, table)
 from cfx_cli.errors import CfxError
 from cfx_cli.outputs import read_samples
 
@@ -42,7 +42,6 @@ KIND_LABEL = {"original": "original", "counterfactual": "counterfactual", "diff"
               "heatmap": "heat-map"}
 MAX_SIDE = 256       # larger images are embedded downsized to this (a page of ImageNet jobs stays small)
 TILE = 84            # displayed tile width in CSS pixels
-RECORD_KEYS = {"job", "state", "error", "metrics", "task"}
 
 
 # --------------------------------------------------------------------------- the table (one place)
@@ -64,12 +63,7 @@ def collect(paths: list[str], by: list[str]) -> tuple[list[dict], dict[str, list
     raw = [job_record(j) for j in jobs]
     check_by(raw, by)
     records = merge_shards(raw) + missing_sweep_jobs(paths, jobs)
-    folders = {}
-    for r in records:  # a merged sharded job names its shards joined by ',' (folder names hold ',' too)
-        s = r["job"]
-        own = [Path(x["job"]) for x in raw
-               if s == x["job"] or s.startswith(x["job"] + ",") or s.endswith("," + x["job"]) or f",{x['job']}," in s]
-        folders[s] = own
+    folders = {r["job"]: job_folders(r) for r in records if r["state"] != "missing" or r.get("folders")}
     return records, folders
 
 
@@ -284,7 +278,7 @@ def _paper_html(records: list[dict], by: list[str]) -> str:
 def _varying(rs: list[dict]) -> list[str]:
     """Config keys whose values differ between the jobs of one row, most telling first (seed, model, other
     choices, then values): each job's label."""
-    keys = set().union(*(r.keys() for r in rs)) - RECORD_KEYS
+    keys = set().union(*(r.keys() for r in rs)) - BOOKKEEPING
     differ = sorted(k for k in keys if not k.startswith(("hydra.", "hydra/", "tuning"))
                     and k != "data.shard" and len({str(r.get(k)) for r in rs}) > 1)
     differ = [k for k in differ if not any(k.startswith(p + ".") for p in differ)]

@@ -235,9 +235,9 @@ def test_paper_table_has_sigma_l_across_seeds(whole, tmp_path, capsys):
     from cfx_cli.run import job
 
     root = tmp_path / "sweep"
-    seed0 = copy(whole, root / "seed0")
+    seed0 = copy(whole, root / "0_method=fastdime,seed=0")  # Hydra's sweep folder names hold ','
     cfg = run_compose([*JOB, "data.num_shards=1", "seed=1"])
-    seed1 = root / "seed1"
+    seed1 = root / "1_method=fastdime,seed=1"
     job(cfg, seed1)
     (seed1 / ".hydra").mkdir()
     OmegaConf.save(cfg, seed1 / ".hydra" / "config.yaml")
