@@ -35,6 +35,8 @@ DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "mae_to_target_
 # Record fields that are not config, and config keys that may differ between the jobs of one row.
 BOOKKEEPING = {"job", "folders", "state", "error", "metrics", "task"}
 NOT_A_MIX = {"seed", "data.shard", "data.num_shards", "device", "batch_size"}
+# Settings that do not make the counterfactuals (what a job measured at its end), by prefix.
+NOT_A_MIX_PREFIXES = ("hydra.", "hydra/", "metrics.evaluate.")
 
 
 def find_jobs(paths: list[str]) -> list[Path]:
@@ -262,7 +264,7 @@ def mixed_rows(records: list[dict], by: list[str]) -> list[tuple[str, list[str]]
         if len(rs) < 2:
             continue
         keys = set().union(*(r.keys() for r in rs)) - BOOKKEEPING - NOT_A_MIX - set(by)
-        differ = sorted(k for k in keys if not k.startswith(("hydra.", "hydra/"))
+        differ = sorted(k for k in keys if not k.startswith(NOT_A_MIX_PREFIXES)
                         and len({str(r.get(k, "<unset>")) for r in rs}) > 1)
         # A differing choice (classifier) implies its values differ (classifier.path, ...): name the choice.
         differ = [k for k in differ if not any(k.startswith(p + ".") for p in differ)]
@@ -474,7 +476,7 @@ def sigma_l(records: list[dict], by: list[str]) -> dict[tuple, tuple]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         same = tuple(sorted((k, str(v)) for k, v in r.items() if k not in BOOKKEEPING and k not in NOT_A_MIX
-                            and not k.startswith(("hydra.", "hydra/"))))
+                            and not k.startswith(NOT_A_MIX_PREFIXES)))
         groups.setdefault(same, []).append(r)
     per_row: dict[tuple, list[float]] = {}
     for rs in groups.values():

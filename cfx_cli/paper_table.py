@@ -27,7 +27,7 @@ class Column:
 
 # DiME / ACE / FastDiME / DVCE / LDCE tables (classification) and the regression papers' tables.
 CLASSIFICATION = (Column("fid", "FID", False), Column("sfid", "sFID", False), Column("fva", "FVA", True, True),
-                  Column("fs", "FS", True), Column("mnac", "MNAC", False), Column("cd", "CD", False),
+                  Column("fs", "FS", True), Column("mnac_successful", "MNAC", False), Column("cd", "CD", False),
                   Column("cout", "COUT", True), Column("flip_rate", "Flip rate", True, True),
                   Column("sigma_l", "σ_L", True))
 REGRESSION = (Column("success_rate", "Success", True, True), Column("mae_to_target", "MAE", False),

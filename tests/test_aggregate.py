@@ -262,7 +262,7 @@ def test_paper_table_lays_out_the_papers_columns_with_the_best_in_bold(tmp_path,
     assert row["DiME"][0] == "**11.00 ± 1.41**" and row["FastDiME"][0] == "21.00 ± 1.41"   # FID: lower is better
     assert row["FastDiME"][1] == "**0.600 ± 0.141**" and row["DiME"][1] == "0.300 ± 0.141"  # COUT: higher
     assert row["FastDiME"][2] == "**98.0 ± 1.4**" and row["DiME"][2] == "95.0 ± 7.1"        # flip rate, %
-    assert "No job has: sfid, fva, fs, mnac, cd, sigma_l." in md
+    assert "No job has: sfid, fva, fs, mnac_successful, cd, sigma_l." in md
     # the regression paper's columns, with ACE named as its regression variant
     reg_header = [ln for ln in lines if ln.startswith("| Method")][1]
     assert "Success (%) ↑" in reg_header and "MAE ↓" in reg_header
@@ -271,3 +271,10 @@ def test_paper_table_lays_out_the_papers_columns_with_the_best_in_bold(tmp_path,
     assert r"FID $\downarrow$" in tex and r"\textbf{11.00 $\pm$ 1.41}" in tex and r"Flip rate (\%) $\uparrow$" in tex
     numeric = pd.read_csv(tmp_path / "paper_table.csv")
     assert set(numeric["task"]) == {"classification", "regression"} and "fid_mean" in numeric
+
+
+def test_jobs_measured_with_other_end_metrics_are_one_row_not_a_mix(tmp_path, capsys):
+    make_job(tmp_path / "a", seed=0, metrics={"flip_rate": 1.0}, metrics__evaluate__metrics="[fid]")
+    make_job(tmp_path / "b", seed=1, metrics={"flip_rate": 0.5}, metrics__evaluate__metrics="[fid, cd]")
+    df, out, err = run(capsys, tmp_path)
+    assert len(df) == 1 and df["n_jobs"].iloc[0] == 2 and "mixes" not in err

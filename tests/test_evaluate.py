@@ -305,3 +305,12 @@ def test_cfx_evaluate_starts_from_the_jobs_own_settings(whole, tmp_path):
     del cfg.metrics["evaluate"]
     OmegaConf.save(cfg, old / ".hydra" / "config.yaml")
     assert settings(old).lpips.net == "alex" and list(settings(old).metrics) == ["fid", "sfid", "kid", "cout"]
+
+
+def test_mnac_of_the_papers_counts_the_successful_counterfactuals():
+    from cfx_cli.metrics.summary import summarise
+
+    rows = pd.DataFrame({"index": range(4), "success": [True, False, True, False], "failed": [False] * 4,
+                         "mnac": [1.0, 3.0, 2.0, 0.0], "cf_pred": 0, "target": 0, "pred": 1})
+    got = summarise(rows, "classification")
+    assert got["mnac"] == pytest.approx(6 / 4) and got["mnac_successful"] == pytest.approx(3 / 2)

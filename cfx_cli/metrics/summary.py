@@ -37,6 +37,9 @@ def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
         if col in ok and len(ok) and ok[col].notna().any():
             res[name] = float(ok[col].astype(float).mean())
     res.update(closeness(samples[~failed]))
+    if "mnac" in ok and "success" in ok and ok["mnac"].notna().any():  # the papers': successful counterfactuals
+        v = pd.to_numeric(ok.loc[ok["success"].astype(str) == "True", "mnac"], errors="coerce").dropna()
+        res["mnac_successful"] = float(v.mean()) if len(v) else np.nan
     for col, name in MAXES.items():
         if col in samples and samples[col].notna().any():
             res[name] = float(samples[col].astype(float).max())
