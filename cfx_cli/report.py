@@ -42,6 +42,7 @@ KIND_LABEL = {"original": "original", "counterfactual": "counterfactual", "diff"
               "heatmap": "heat-map"}
 MAX_SIDE = 256       # larger images are embedded downsized to this (a page of ImageNet jobs stays small)
 TILE = 84            # displayed tile width in CSS pixels
+LABELLED_POINTS = 5  # up to this many plot points are labelled in place
 
 
 # --------------------------------------------------------------------------- the table (one place)
@@ -50,7 +51,8 @@ def report_table(records: list[dict], by: list[str]) -> pd.DataFrame:
     'mean ± std' over seeds, ``n_jobs``). The only place the page builds its table: another layout
     (a paper's columns) replaces this function."""
     text, _ = render(table(records, by, DEFAULT_METRICS))
-    return text
+    # a metric no job of the row has (a regression rate on a classifier's row): an empty cell, not "(0 of n jobs)"
+    return text.replace(to_replace=r"^\(0 of \d+ jobs\)$", value="", regex=True) if len(text) else text
 
 
 # --------------------------------------------------------------------------- reading the folders
@@ -436,6 +438,7 @@ def plot_png(points: list[dict], by: list[str] = ("method",)) -> bytes | None:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     names = sorted({p["quality_name"] for p in points})
     ylabel = " / ".join(names)
@@ -460,14 +463,18 @@ def plot_png(points: list[dict], by: list[str] = ("method",)) -> bytes | None:
             ye = y.std(ddof=1) if len(y) > 1 else None
             ax.errorbar([xm], [ym], xerr=xe, yerr=ye, fmt="o", ms=8, color=c, capsize=4, elinewidth=1.5,
                         label=p["label"] + (f" ({len(x)} jobs)" if len(x) > 1 else ""))
-            ax.annotate(p["label"], (xm, ym), textcoords="offset points", xytext=(7, 7), fontsize=10, color=c,
-                        weight="bold")
+            if len(points) <= LABELLED_POINTS:  # a few points: labelled in place; more: the legend below
+                ax.annotate(p["label"], (xm, ym), textcoords="offset points", xytext=(7, 7), fontsize=10, color=c,
+                            weight="bold")
         if not xs_all:
             ax.text(0.5, 0.5, f"no {xlabel} in the metrics", ha="center", va="center", transform=ax.transAxes)
         else:
             lo, hi = min(xs_all), max(xs_all)
             if lo > 0 and hi / lo > 20:
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             else:
                 ax.set_xlim(0, hi * 1.25 if hi > 0 else 1)
         ax.set_ylim(-0.03, 1.1)
@@ -479,9 +486,14 @@ def plot_png(points: list[dict], by: list[str] = ("method",)) -> bytes | None:
     axes[1].set_title("quality vs UNet calls", fontsize=10, loc="left")
     handles, labels = axes[0].get_legend_handles_labels()
     if len(handles) > 1:
-        axes[1].legend(handles, labels, fontsize=8, loc="lower right", frameon=False, title=", ".join(by),
-                       title_fontsize=8)
-    fig.tight_layout()
+        ncol = min(3, len(handles))
+        rows = -(-len(handles) // ncol)
+        fig.set_figheight(4.2 + 0.22 * rows)
+        fig.legend(handles, labels, fontsize=8.5, loc="lower center", ncol=ncol, frameon=False,
+                   title=", ".join(by), title_fontsize=8.5)
+        fig.tight_layout(rect=(0, (0.3 + 0.22 * rows) / (4.2 + 0.22 * rows), 1, 1))
+    else:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
