@@ -31,6 +31,7 @@ CLASSIFICATION = (Column("fid", "FID", False), Column("sfid", "sFID", False), Co
                   Column("cout", "COUT", True), Column("flip_rate", "Flip rate", True, True),
                   Column("sigma_l", "σ_L", True))
 REGRESSION = (Column("success_rate", "Success", True, True), Column("mae_to_target", "MAE", False),
+              Column("oracle_mae", "Oracle MAE", False),
               Column("fid", "FID", False), Column("lpips", "LPIPS", False), Column("sigma_l", "σ_L", True))
 LAYOUT = {"classification": CLASSIFICATION, "regression": REGRESSION}
 

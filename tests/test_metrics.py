@@ -130,3 +130,19 @@ def test_oracle_metrics_on_known_edits(oracle_metrics):
     r2 = oracle_metrics(x, bg, f, target, "classification")
     assert r2["bg_changed"].mean() >= 0.95 and r2["mnac"].mean() >= 0.9
     assert (r2["ideal_cf_l1"] > 0.05).all()
+
+
+def test_oracle_mae_of_a_regression_counterfactual(oracle_metrics):
+    """The ideal counterfactual renders the target size: the oracle reads it within its own error; a
+    counterfactual that leaves the image as it was is |size − target| away (a closed form from the factors)."""
+    world = oracle_metrics.world
+    f = world.factors_for_indices("test", range(16), 0)
+    x = world.render(f)
+    target = torch.full((16,), 0.8)
+    ideal = world.ideal_counterfactual(f, size=np.full(16, 0.8))
+    at_target = oracle_metrics(x, ideal, f, target, "regression")["oracle_error"]
+    unchanged = oracle_metrics(x, x, f, target, "regression")["oracle_error"]
+    closed_form = np.abs(f["size"] - 0.8)  # the oracle reads sizes to about 0.07 (normalised)
+    assert at_target.mean() < 0.1 and np.abs(unchanged - closed_form).mean() < 0.1
+    assert unchanged.mean() > 3 * at_target.mean()
+    assert "oracle_error" not in oracle_metrics(x, x, f, torch.as_tensor(1 - f["shape"]), "classification")

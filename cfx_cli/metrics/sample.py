@@ -12,7 +12,8 @@ On the synthetic benchmark a factor oracle reads every factor of both images:
 - ``oracle_flip``: the oracle sees the target factor reached (shape = target
   class; size within the objective's tolerance of the target);
 - ``ideal_cf_l1``: l1 to the ideal counterfactual, rendered from the same
-  factors with only the target factor changed.
+  factors with only the target factor changed;
+- ``oracle_error`` (regression): |oracle's size reading of x_cf − target| (its mean: ``oracle_mae``).
 """
 from __future__ import annotations
 
@@ -63,7 +64,12 @@ class OracleMetrics:
         else:
             oracle_flip = np.abs(b["size"] - t) <= tolerance
             ideal = self.world.ideal_counterfactual(factors, size=t.astype(np.float64))
+        # regression: how far the oracle's reading of the counterfactual is from the target (oracle MAE)
+        oracle_error = np.abs(b["size"] - t) if task != "classification" else None
         ideal_l1 = ((x_cf.float().cpu() - ideal).abs() / 2).flatten(1).mean(1).numpy()
-        return {"mnac": mnac.astype(float), "bg_changed": changed["bg_colour"].astype(float),
-                "oracle_flip": oracle_flip.astype(float), "ideal_cf_l1": ideal_l1,
-                "oracle_shape_cf": np.array([ALL_SHAPES[int(v)] for v in b["shape"]])}
+        out = {"mnac": mnac.astype(float), "bg_changed": changed["bg_colour"].astype(float),
+               "oracle_flip": oracle_flip.astype(float), "ideal_cf_l1": ideal_l1,
+               "oracle_shape_cf": np.array([ALL_SHAPES[int(v)] for v in b["shape"]])}
+        if oracle_error is not None:
+            out["oracle_error"] = oracle_error.astype(float)
+        return out

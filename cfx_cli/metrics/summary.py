@@ -11,7 +11,7 @@ MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
          "nfe_model_backward": "nfe_model_backward", "nfe_robust_model": "nfe_robust_model",
          "nfe_robust_model_backward": "nfe_robust_model_backward", "nfe_decoder": "nfe_decoder",
          "nfe_decoder_backward": "nfe_decoder_backward", "pgd_iterations": "pgd_iterations",
-         "iterations": "iterations", "cout": "cout", "lpips": "lpips",
+         "iterations": "iterations", "cout": "cout", "lpips": "lpips", "oracle_error": "oracle_mae",
          "seconds": "seconds_per_cf"}
 # Column -> name of its maximum: the peak memory of the job's largest batch.
 MAXES = {"peak_mem_mib": "peak_mem_mib"}
