@@ -1,8 +1,10 @@
 """Your own images: which images a folder dataset explains (first, random, balanced, a file list)."""
+import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cfx_cli.data.folder import FolderDataset
@@ -88,3 +90,29 @@ def test_train_on_a_folder_then_explain_with_the_models(tmp_path):
     assert len(pd.read_csv(tmp_path / "job" / "samples.csv")) == 4
     refused = cfx("train", "classifier", check=False)
     assert refused.returncode == 2 and "add dataset=folder dataset.root=<folder>" in refused.stderr
+    # a DDPM work_dir holding another folder's run is refused, not continued
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    refused = cfx("train", "ddpm", "dataset=folder", f"dataset.root={other}", "trainable.steps=4",
+                  "trainable.batch_size=4", f"out={tmp_path / 'ddpm2'}", f"work_dir={tmp_path / 'work_ddpm'}", check=False)
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and err[-1].startswith(f"cfx: error: work_dir={tmp_path / 'work_ddpm'} holds the "
+                                                          f"checkpoint of another run (dataset_root=")
+    # a torchvision-layout architecture, trained and loaded as the job's classifier
+    cfx("train", "classifier", *folder, "trainable.arch=resnet18", "trainable.steps=2", f"out={tmp_path / 'rn'}")
+    from cfx_cli.models.explained import zoo_model
+
+    net = zoo_model(str(tmp_path / "rn"), "classification")
+    assert net.info["arch"] == "resnet18" and net(world.render(f)[:2]).shape == (2, 2)
+
+
+def test_left_right_flips_can_be_turned_off():
+    from cfx_cli.train.ddpm import folder_images
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    rng = lambda: np.random.default_rng(0)  # noqa: E731 - draws indices then flips
+    plain = folder_images(x, 64, hflip=False)(rng())
+    idx = np.random.default_rng(0).integers(0, 2, 64)
+    assert torch.equal(plain, x[torch.as_tensor(idx)])
+    flipped = folder_images(x, 64)(rng())
+    assert not torch.equal(flipped, plain) and any(torch.equal(a, b.flip(-1)) for a, b in zip(flipped, plain))

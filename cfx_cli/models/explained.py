@@ -54,10 +54,10 @@ class ExplainedModel(nn.Module):
 
 def zoo_model(path: str, task: str, key: str = "classifier.path", name: str | None = None) -> ExplainedModel:
     """A cfx zoo model (safetensors + config.json) as an explained model."""
-    from cfx_cli.models.small_cnn import load_zoo_model
+    from cfx_cli.models.small_cnn import CLASSIFIERS, load_zoo_model
 
     net, info = load_zoo_model(path, key=key)
-    if info.get("arch") != "small_cnn":  # e.g. the factor oracle: its outputs are a dict of factors
+    if info.get("arch") not in CLASSIFIERS:  # e.g. the factor oracle: its outputs are a dict of factors
         raise CfxError(f"{key}={path} is a {info.get('arch')} (made by `{info.get('command', 'cfx train')}`), not a "
                        f"{task} model: point {key} to a classifier or regressor")
     if info.get("task") not in (None, task):

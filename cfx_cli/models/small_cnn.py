@@ -55,7 +55,18 @@ class FactorOracle(nn.Module):
         return out
 
 
-ARCHITECTURES = {"small_cnn": SmallCNN, "factor_oracle": FactorOracle}
+def _torchvision(arch: str):
+    def build(num_outputs: int) -> nn.Module:
+        from cfx_cli.models.torchvision_arch import build as tv_build
+
+        return tv_build(arch, num_outputs)
+    return build
+
+
+# Classifier architectures a zoo folder may name (cfx train classifier trainable.arch=...), and the oracle.
+CLASSIFIERS = ("small_cnn", "resnet18", "resnet34", "resnet50", "densenet121")
+ARCHITECTURES = {"small_cnn": SmallCNN, "factor_oracle": FactorOracle,
+                 **{a: _torchvision(a) for a in CLASSIFIERS[1:]}}
 
 
 def save_zoo_model(model: nn.Module, folder: str | Path, arch: str, kwargs: dict, **info) -> Path:

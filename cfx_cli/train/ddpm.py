@@ -39,12 +39,13 @@ def synthetic_images(world: SyntheticWorld, batch_size: int):
     return batch
 
 
-def folder_images(x: torch.Tensor, batch_size: int):
-    """A batch of images held in memory, drawn with the step's generator, with a random horizontal flip."""
+def folder_images(x: torch.Tensor, batch_size: int, hflip: bool = True):
+    """A batch of images held in memory, drawn with the step's generator, with a random horizontal flip
+    (unless ``hflip`` is off)."""
 
     def batch(rng: np.random.Generator) -> torch.Tensor:
         b = x[torch.as_tensor(rng.integers(0, len(x), batch_size))]
-        flip = torch.as_tensor(rng.random(batch_size) < 0.5)
+        flip = torch.as_tensor((rng.random(batch_size) < 0.5) & hflip)
         return torch.where(flip.view(-1, 1, 1, 1), b.flip(-1), b)
 
     return batch
@@ -75,7 +76,7 @@ def train_ddpm(world: SyntheticWorld | None, out_dir: str | Path, work_dir: str 
     schedule = NoiseSchedule.from_config("linear", num_train_timesteps)  # the same q_sample as every sampler
     trainer = Trainer({"unet": unet}, work_dir, steps, lr=lr, warmup=warmup, decay_from=decay_from,
                       final_lr_fraction=final_lr_fraction, ema_decay=ema_decay, checkpoint_every=checkpoint_every,
-                      desc="train ddpm")
+                      desc="train ddpm", identity=info if images is not None and world is None else None)
 
     def loss(step, rng):
         x0 = images(rng).to(device)

@@ -8,6 +8,7 @@ linearly, stays constant, then decays linearly to ``final_lr_fraction`` from ``d
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from cfx_cli.errors import CfxError
 
 
 def lr_factor(step: int, warmup: int, decay_from: int | None, steps: int, final: float) -> float:
@@ -38,7 +41,10 @@ class Trainer:
     def __init__(self, nets: dict[str, nn.Module], work_dir: str | Path, steps: int, lr: float = 4e-4,
                  warmup: int = 200, decay_from: int | None = None, final_lr_fraction: float = 0.05,
                  ema_decay: float | None = 0.999, checkpoint_every: int = 200, grad_clip: float = 1.0,
-                 lr_scale: dict[str, float] | None = None, weight_decay: float = 0.0, desc: str = "train"):
+                 lr_scale: dict[str, float] | None = None, weight_decay: float = 0.0, desc: str = "train",
+                 identity: dict | None = None):
+        """``identity``: what the run trains on (a folder's root, its classes); a work_dir whose checkpoint
+        was made on something else is refused rather than continued."""
         self.nets, self.steps, self.lr = nets, int(steps), float(lr)
         self.warmup, self.decay_from, self.final = int(warmup), decay_from, float(final_lr_fraction)
         self.checkpoint_every, self.grad_clip, self.desc = int(checkpoint_every), grad_clip, desc
@@ -53,8 +59,15 @@ class Trainer:
                                      weight_decay=weight_decay)
         self.state_file = self.work_dir / "state.pt"
         self.start = 0
+        self.identity = json.loads(json.dumps(identity, default=str)) if identity else None
         if self.state_file.exists():
             state = torch.load(self.state_file, map_location="cpu", weights_only=True)
+            was = json.loads(state["identity"]) if state.get("identity") else None
+            if self.identity and was and was != self.identity:
+                diff = ", ".join(f"{k}={was.get(k)!r}" for k in sorted(set(was) | set(self.identity))
+                                 if was.get(k) != self.identity.get(k))
+                raise CfxError(f"work_dir={self.work_dir} holds the checkpoint of another run ({diff}): give this "
+                               f"model its own work_dir (or delete that folder to start over)")
             for k, m in nets.items():
                 m.load_state_dict(state["nets"][k])
                 if ema_decay:
@@ -66,7 +79,8 @@ class Trainer:
         tmp = self.state_file.with_suffix(".tmp")
         torch.save({"nets": {k: m.state_dict() for k, m in self.nets.items()},
                     "ema": {k: m.state_dict() for k, m in self.ema.items()} if self.ema_decay else {},
-                    "opt": self.opt.state_dict(), "step": step}, tmp)
+                    "opt": self.opt.state_dict(), "step": step,
+                    **({"identity": json.dumps(self.identity)} if self.identity else {})}, tmp)
         tmp.replace(self.state_file)
         export(self.ema, step)
 

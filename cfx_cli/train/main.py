@@ -92,8 +92,9 @@ def train_on_folder(cfg: DictConfig, out: str) -> dict:
 
         train_ddpm(None, out, cfg.work_dir, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
                    decay_from=t.get("decay_from"), ema_decay=t.ema_decay, channels=tuple(t.channels), seed=cfg.seed,
-                   threads=cfg.threads, device=cfg.device, command=info["command"], images=batches(x, t.batch_size),
-                   image_size=int(x.shape[-1]), info={k: info[k] for k in ("image_size", "dataset_root", "classes")})
+                   threads=cfg.threads, device=cfg.device, command=info["command"],
+                   images=batches(x, t.batch_size, hflip=bool(t.get("hflip", True))), image_size=int(x.shape[-1]),
+                   info={k: info[k] for k in ("image_size", "dataset_root", "classes")})
         print(f"wrote {out}")
         return info
     if t.kind != "classifier":
@@ -103,13 +104,17 @@ def train_on_folder(cfg: DictConfig, out: str) -> dict:
         raise CfxError(f"dataset.root={cfg.dataset.root}: a classifier needs one sub-folder per class (found "
                        f"{len(ds.classes)} class folder(s){' and images outside them' if (y < 0).any() else ''})")
     train_idx, held = supervised.split_held_out(len(x), float(t.get("held_out", 0.2)), int(cfg.seed))
+    arch = str(t.get("arch", "small_cnn"))
+    kwargs = {"num_outputs": len(ds.classes), **({"width": t.width} if arch == "small_cnn" else {})}
     model = supervised.train_on_images(x[train_idx], y[train_idx], len(ds.classes), steps=t.steps,
-                                       batch_size=t.batch_size, lr=t.lr, width=t.width, seed=cfg.seed)
+                                       batch_size=t.batch_size, lr=t.lr, width=t.width, seed=cfg.seed, arch=arch,
+                                       hflip=bool(t.get("hflip", True)))
     with torch.no_grad():
-        acc = float((model(x[held]).argmax(1) == y[held]).float().mean())
+        acc = float(torch.cat([model(x[held][i:i + 256]).argmax(1) for i in range(0, len(held), 256)]).eq(
+            y[held]).float().mean())
     info.update(task="classification", quality={"held_out_accuracy": acc, "held_out_images": int(len(held))},
                 input_size=None)
-    save_zoo_model(model.net, out, "small_cnn", {"num_outputs": len(ds.classes), "width": t.width}, **info)
+    save_zoo_model(model.net, out, arch, kwargs, **info)
     print(f"wrote {out}: held-out accuracy {acc:.3f} on {len(held)} images (classes: {', '.join(ds.classes)})")
     return info
 
@@ -118,12 +123,12 @@ def train(cfg: DictConfig) -> dict:
     t = cfg.trainable
     check_device(cfg)
     out = output_folder(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     if cfg.dataset.name == "folder":
         return train_on_folder(cfg, out)
     if t.get("folder_only"):
         raise CfxError(f"cfx train {t.name} trains on your images: add dataset=folder dataset.root=<folder>")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     world = world_from(cfg)
     test_world = SyntheticWorld(image_size=world.image_size, shapes=world.shapes, size_range=world.size_range)
     info = {"name": t.name, "command": command_line(), "seed": int(cfg.seed),

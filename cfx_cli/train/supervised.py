@@ -143,15 +143,21 @@ def evaluate_oracle(model, world: SyntheticWorld, n=1000, seed=123) -> dict:
 
 # ------------------------------------------------------------------ your own images
 def train_on_images(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps=300, batch_size=64, lr=3e-3,
-                    width=32, seed=0) -> ExplainedModel:
-    """A SmallCNN classifier on images held in memory (a folder dataset's), random flips as augmentation."""
-    model = _trainable(SmallCNN(num_classes, width), "classification", None)
+                    width=32, seed=0, arch: str = "small_cnn", hflip: bool = True) -> ExplainedModel:
+    """A classifier on images held in memory (a folder dataset's): a SmallCNN, or a torchvision-layout
+    ``arch`` (resnet18/34/50, densenet121); random left-right flips as augmentation unless ``hflip`` is off
+    (digits, text: anything with a handedness)."""
+    from cfx_cli.models.small_cnn import ARCHITECTURES
+
+    torch.manual_seed(seed)
+    net = SmallCNN(num_classes, width) if arch == "small_cnn" else ARCHITECTURES[arch](num_outputs=num_classes)
+    model = _trainable(net, "classification", None)
 
     def batches():
         for step in range(steps):
             rng = np.random.default_rng([seed, step])
             idx = torch.as_tensor(rng.integers(0, len(x), batch_size))
-            flip = torch.as_tensor(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
+            flip = torch.as_tensor((rng.random(batch_size) < 0.5) & hflip).view(-1, 1, 1, 1)
             yield step, torch.where(flip, x[idx].flip(-1), x[idx]), y[idx]
 
     return _fit(model, lambda out, labels: F.cross_entropy(out, labels), None, steps, batch_size, lr, seed,
