@@ -81,7 +81,9 @@ def test_train_on_a_folder_then_explain_with_the_models(tmp_path):
     assert info["command"].startswith("cfx train classifier dataset=folder")
     cfx("train", "ddpm", *folder, "trainable.steps=2", "trainable.batch_size=4", f"out={tmp_path / 'ddpm'}",
         f"work_dir={tmp_path / 'work_ddpm'}")
-    assert json.loads((tmp_path / "ddpm" / "train_info.json").read_text())["classes"] == ["boxy", "round"]
+    trained = json.loads((tmp_path / "ddpm" / "train_info.json").read_text())
+    assert trained["classes"] == ["boxy", "round"] and trained["sample_check"]["file"] == "samples.png"
+    assert Image.open(tmp_path / "ddpm" / "samples.png").size == (8 * 32 * 3, 2 * 32 * 3)  # 16 samples, 8 a row
     run = cfx("run", "debug=fast", "dataset=folder", f"dataset.root={data}", f"classifier.path={tmp_path / 'clf'}",
               "diffusion=diffusers_ddpm", f"diffusion.path={tmp_path / 'ddpm'}", f"hydra.run.dir={tmp_path / 'job'}")
     assert "accuracy on 4 of the images to explain" in run.stderr

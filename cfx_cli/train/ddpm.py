@@ -94,3 +94,23 @@ def train_ddpm(world: SyntheticWorld | None, out_dir: str | Path, work_dir: str 
 
     trainer.run(loss, export, seed=seed)
     return out_dir
+
+
+def sample_check(folder: str | Path, n: int = 16, steps: int = 50, seed: int = 0, cols: int = 8) -> Path:
+    """``n`` unconditional samples of the DDPM in ``folder`` (``steps`` respaced ancestral steps) as
+    ``folder/samples.png``, 3× enlarged: the trained model's look, recorded beside it."""
+    from PIL import Image
+
+    from cfx_cli.diffusion.sampler import DDPMSampler
+    from cfx_cli.models.generative import load_diffusers_ddpm
+    from cfx_cli.outputs import to_uint8
+
+    ddpm = load_diffusers_ddpm(str(folder))
+    with torch.no_grad():
+        z = DDPMSampler(ddpm, steps).sample(n, ddpm.latent_shape, torch.Generator().manual_seed(seed)).clamp(-1, 1)
+    cols = min(cols, n)
+    tiles = [to_uint8(img) for img in z] + [np.zeros_like(to_uint8(z[0]))] * (-n % cols)
+    grid = np.concatenate([np.concatenate(tiles[r:r + cols], 1) for r in range(0, len(tiles), cols)], 0)
+    path = Path(folder) / "samples.png"
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+    return path

@@ -1,7 +1,9 @@
 """`cfx train WHAT`: train one model of the synthetic benchmark, measure it, write it to the zoo."""
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -95,7 +97,16 @@ def train_on_folder(cfg: DictConfig, out: str) -> dict:
                    threads=cfg.threads, device=cfg.device, command=info["command"],
                    images=batches(x, t.batch_size, hflip=bool(t.get("hflip", True))), image_size=int(x.shape[-1]),
                    info={k: info[k] for k in ("image_size", "dataset_root", "classes")})
-        print(f"wrote {out}")
+        n = int(t.get("check_samples", 16))
+        if n:  # a look at what it learnt, recorded beside the model
+            from cfx_cli.train.ddpm import sample_check
+
+            grid = sample_check(out, n=n, seed=int(cfg.seed))
+            record = Path(out) / "train_info.json"
+            record.write_text(json.dumps({**json.loads(record.read_text()), "sample_check": {
+                "file": grid.name, "samples": n, "steps": 50}}, indent=1))
+            info["sample_check"] = str(grid)
+        print(f"wrote {out}" + (f" (samples: {info['sample_check']})" if info.get("sample_check") else ""))
         return info
     if t.kind != "classifier":
         raise CfxError(f"cfx train {t.name} dataset=folder: a folder trains a classifier or a ddpm "
