@@ -503,24 +503,58 @@ def in_job(job: Path, cfg: DictConfig, device) -> tuple[dict[str, float], float]
         update_samples(job, per)
     elapsed = time.time() - t0
     print(f"cfx: metrics {', '.join(names)} took {_timings(seconds)}", file=sys.stderr)
-    return {k: v for k, v in level.items() if k in SET_LEVEL or k == "kid_std"}, elapsed
+    return _set_level(level), elapsed
 
 
-def merged_set_level(jobs: list[Path], cfg: dict | DictConfig) -> dict[str, float]:
-    """The set-level metrics a sharded run asked for (its ``metrics.evaluate``), over all its shards'
-    samples at once (never a mean of per-shard values)."""
+def _recorded(cfg: dict | DictConfig) -> tuple[DictConfig, DictConfig | None, torch.device | None]:
+    """A finished job's config, its ``metrics.evaluate`` settings (from .hydra/config.yaml) and the device to measure
+    on here: whatever this machine has (the job may have run on a GPU that the aggregating machine lacks)."""
     from cfx_cli.run import resolve_device
 
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     ecfg = OmegaConf.select(cfg, "metrics.evaluate")
     if ecfg is None or not ecfg.get("metrics"):
-        return {}
-    names = [m for m in metric_names(ecfg) if m in SET_LEVEL]
+        return cfg, None, None
+    return cfg, ecfg, resolve_device("auto")
+
+
+def _set_level(level: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in level.items() if k in SET_LEVEL or k == "kid_std"}
+
+
+def merged_set_level(jobs: list[Path], cfg: dict | DictConfig) -> dict[str, float]:
+    """The set-level metrics a sharded run asked for (its ``metrics.evaluate``), over all its shards'
+    samples at once (never a mean of per-shard values)."""
+    cfg, ecfg, device = _recorded(cfg)
+    names = [m for m in metric_names(ecfg) if m in SET_LEVEL] if ecfg is not None else []
     if not names:
         return {}
-    device = resolve_device(OmegaConf.select(ecfg, "device", default="auto"))
     level, _, _ = compute(Pairs(jobs), ecfg, cfg, names, device)
-    return {k: v for k, v in level.items() if k in SET_LEVEL or k == "kid_std"}
+    return _set_level(level)
+
+
+def sigma_l(jobs: list[list[Path]], cfg: dict | DictConfig) -> float | None:
+    """σ_L of jobs that differ only in their seed (each given by its folder, or its shard folders): per
+    image whose counterfactual succeeded in every job, the mean LPIPS over pairs of seeds; the mean over
+    those images (DiME's compute_LPIPS uses net=vgg: lpips.net=vgg for its numbers). None when the jobs'
+    config asks no LPIPS (``metrics.evaluate``)."""
+    from cfx_cli.metrics.perceptual import sigma_l as per_image
+
+    _, ecfg, device = _recorded(cfg)
+    if ecfg is None or ecfg.get("lpips") is None or "lpips" not in metric_names(ecfg):
+        return None
+    pairs = [Pairs(j) for j in jobs]
+    # DiME's compute_LPIPS: the images whose counterfactual succeeded in every run
+    common = set.intersection(*({int(i) for i, ok in zip(p.index, _success(p.rows)) if ok} for p in pairs))
+    if not common:
+        raise CfxError(f"the {len(jobs)} seeds' jobs share no image whose counterfactual succeeded in each")
+    idx = sorted(common)
+    images = []
+    for p in pairs:
+        where = dict(zip(p.index.tolist(), p.folders))
+        images.append(torch.stack([load_image(where[i] / "counterfactual" / f"{i}.png") for i in idx]))
+    net = lpips_model(ecfg, "metrics.evaluate.")
+    return float(per_image(images, net, int(ecfg.batch_size), device).mean())
 
 
 def _metric_names(job: Path) -> set[str]:
@@ -563,29 +597,3 @@ def _override_error(exc: BaseException) -> str | None:
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         return str(exc).strip().splitlines()[0]
     return None
-
-
-def sigma_l(jobs: list[list[Path]], cfg: dict | DictConfig) -> float | None:
-    """σ_L of jobs that differ only in their seed (each given by its folder, or its shard folders): per
-    image whose counterfactual succeeded in every job, the mean LPIPS over pairs of seeds; the mean over
-    those images (DiME's compute_LPIPS uses net=vgg: lpips.net=vgg for its numbers). None when the jobs' config asks no LPIPS (``metrics.evaluate.lpips``)."""
-    from cfx_cli.metrics.perceptual import sigma_l as per_image
-    from cfx_cli.run import resolve_device
-
-    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    ecfg = OmegaConf.select(cfg, "metrics.evaluate")
-    if ecfg is None or ecfg.get("lpips") is None or "lpips" not in metric_names(ecfg):
-        return None
-    pairs = [Pairs(j) for j in jobs]
-    # DiME's compute_LPIPS: the images whose counterfactual succeeded in every run
-    common = set.intersection(*({int(i) for i, ok in zip(p.index, _success(p.rows)) if ok} for p in pairs))
-    if not common:
-        raise CfxError(f"the {len(jobs)} seeds' jobs share no image whose counterfactual succeeded in each")
-    idx = sorted(common)
-    images = []
-    for p in pairs:
-        where = dict(zip(p.index.tolist(), p.folders))
-        images.append(torch.stack([load_image(where[i] / "counterfactual" / f"{i}.png") for i in idx]))
-    device = resolve_device(OmegaConf.select(ecfg, "device", default="auto"))
-    net = lpips_model(ecfg, "metrics.evaluate.")
-    return float(per_image(images, net, int(ecfg.batch_size), device).mean())

@@ -3,7 +3,7 @@ computed independently: numpy chains, functional re-implementations, hand-made w
 layouts. No download, no torchvision; the real-size ResNet-50 files are written to tmp and deleted.
 
 Fixture: tests/fixtures/metrics/keys_vggface2_resnet50_ft_pkl.json, the key/shape list of the VGGFace2
-``resnet50_ft_weight.pkl`` (copy of /work/shared/fixtures/checkpoints/, made from the authors' code)."""
+``resnet50_ft_weight.pkl`` (tests/fixtures/metrics/: a copy of the project's shared key list, made from the authors' code)."""
 from __future__ import annotations
 
 import importlib

@@ -16,7 +16,7 @@ Weights are read from local paths only (never downloaded), weights-only (``torch
 or safetensors through :func:`cfx_cli.models.checkpoints.load_state_dict`):
 
 - backbone: torchvision's ImageNet state dict, ``alexnet-owt-7be5be79.pth`` or ``vgg16-397923af.pth``
-  (what ``lpips`` gets from ``torchvision.models.alexnet/vgg16(pretrained=True)``); only ``features.*`` is
+  (the ImageNet weights of torchvision's alexnet/vgg16, which lpips builds on); only ``features.*`` is
   used (the classifier keys are ignored);
 - lin: the lpips package's ``lpips/weights/v0.1/{alex,vgg}.pth`` (keys ``lin{k}.model.1.weight``, 1×C×1×1;
   saved on a CUDA device, so they are mapped to the CPU). When no path is given they are looked up in an
