@@ -36,7 +36,7 @@ class SampleRNG:
     (e.g. the ones not yet flipped), so that a method's calls are charged to them alone.
     """
 
-    def __init__(self, seed: int, indices, device: torch.device | str = "cpu", meter=None):
+    def __init__(self, seed: int, indices, device: torch.device | str = "cpu", meter=None, source=None):
         self.generators = []
         for i in indices:
             g = torch.Generator()
@@ -44,6 +44,7 @@ class SampleRNG:
             self.generators.append(g)
         self.device = torch.device(device)
         self.meter = meter
+        self.source = source  # a NoiseBank replaying recorded draws (parity tests), or None
         self.rows = torch.arange(len(self.generators))  # positions in the meter's batch
 
     def __len__(self):
@@ -51,8 +52,17 @@ class SampleRNG:
 
     def randn(self, shape, rows: Tensor | None = None) -> Tensor:
         """N×shape standard normals, one row per sample (or only for ``rows``, a bool mask or indices)."""
+        return self._draw(torch.randn, "randn", shape, rows)
+
+    def rand(self, shape, rows: Tensor | None = None) -> Tensor:
+        """N×shape uniforms in [0, 1), one row per sample (augmentation parameters and the like)."""
+        return self._draw(torch.rand, "rand", shape, rows)
+
+    def _draw(self, fn, kind: str, shape, rows) -> Tensor:
         idx = range(len(self)) if rows is None else _as_indices(rows)
-        return torch.stack([torch.randn(tuple(shape), generator=self.generators[i]) for i in idx]).to(self.device)
+        if self.source is not None:
+            return self.source.draw(kind, tuple(shape), self.rows[list(idx)]).to(self.device)
+        return torch.stack([fn(tuple(shape), generator=self.generators[i]) for i in idx]).to(self.device)
 
     @contextmanager
     def subset(self, rows: Tensor):
@@ -61,12 +71,39 @@ class SampleRNG:
         idx = _as_indices(rows)
         sub = SampleRNG.__new__(SampleRNG)
         sub.generators = [self.generators[i] for i in idx]
-        sub.device, sub.meter, sub.rows = self.device, self.meter, self.rows[idx]
+        sub.device, sub.meter, sub.source, sub.rows = self.device, self.meter, self.source, self.rows[idx]
         if self.meter is None:
             yield sub
             return
         with self.meter.rows(sub.rows):
             yield sub
+
+
+class NoiseBank:
+    """A recorded sequence of whole-batch draws that a :class:`SampleRNG` replays instead of its
+    generators, draw for draw: the hook through which a parity test feeds cfx the noise an official
+    implementation drew (``torch.randn_like`` over its batch, step by step).
+
+    Each draw of ``kind`` ("randn" / "rand") and per-sample ``shape`` takes the next recorded
+    N×shape tensor and returns the rows of the samples asking (a subset after an early exit).
+    A draw that does not match the recording is an error, never a silent fresh draw."""
+
+    def __init__(self, draws, kind: str = "randn"):
+        self.draws = [d if isinstance(d, tuple) else (kind, d) for d in draws]
+        self.used = 0
+
+    def draw(self, kind: str, shape: tuple, rows: Tensor) -> Tensor:
+        if self.used >= len(self.draws):
+            raise RuntimeError(f"noise bank exhausted after {self.used} draws (asked {kind}{list(shape)})")
+        k, d = self.draws[self.used]
+        if k != kind or tuple(d.shape[1:]) != shape:
+            raise RuntimeError(f"noise bank draw {self.used} is {k}{list(d.shape)}, asked {kind}[N, {list(shape)}]")
+        self.used += 1
+        return d[rows.long()].clone()
+
+    @property
+    def remaining(self) -> int:
+        return len(self.draws) - self.used
 
 
 def _as_indices(rows: Tensor) -> list[int]:

@@ -1,0 +1,30 @@
+"""The noise-source hook: a SampleRNG replays a recorded bank of whole-batch draws, row by row."""
+import pytest
+import torch
+
+from cfx_cli.methods.base import NoiseBank, SampleRNG
+
+
+def test_bank_replays_recorded_draws_in_order_and_by_row():
+    first, second = torch.arange(6.).reshape(3, 2), torch.arange(6.).reshape(3, 2) + 10
+    rng = SampleRNG(0, [4, 5, 6], source=NoiseBank([first, second]))
+    assert torch.equal(rng.randn((2,)), first)
+    with rng.subset(torch.tensor([False, True, True])) as sub:  # samples 1 and 2 of the batch
+        assert torch.equal(sub.randn((2,)), torch.tensor([[12., 13.], [14., 15.]]))
+
+
+def test_bank_refuses_a_draw_it_did_not_record():
+    rng = SampleRNG(0, [0, 1], source=NoiseBank([torch.zeros(2, 3)]))
+    with pytest.raises(RuntimeError, match="draw 0 is randn"):
+        rng.randn((4,))
+    rng.randn((3,))
+    with pytest.raises(RuntimeError, match="exhausted"):
+        rng.randn((3,))
+    with pytest.raises(RuntimeError, match="is randn"):
+        SampleRNG(0, [0, 1], source=NoiseBank([torch.zeros(2, 3)])).rand((3,))
+
+
+def test_without_a_bank_each_sample_draws_from_its_own_seeded_generator():
+    g = torch.Generator().manual_seed((7 * 1_000_003 + 3 * 7_919 + 12_345) % (2**63 - 1))
+    expected = torch.randn(5, generator=g)
+    assert torch.equal(SampleRNG(7, [9, 3]).randn((5,))[1], expected)
