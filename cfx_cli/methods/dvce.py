@@ -61,8 +61,8 @@ class DVCE:
     name = "dvce"
 
     def __init__(self, sampler, model, objective, robust_model=None, start=99, lambda_c=0.1, lambda_d=0.15,
-                 cone_angle=30.0, cone_inside="explained", augmentations=16, clip_denoised=False,
-                 classifier_loss="ce"):
+                 cone_angle=30.0, cone_inside="explained", augmentations=16, augment_size=None,
+                 clip_denoised=False, classifier_loss="ce"):
         if getattr(sampler, "kind", None) != "ddpm":
             raise CfxError(f"method=dvce guides the DDPM posterior mean (μ + Σ g): use sampler=ddpm "
                            f"(got sampler={getattr(sampler, 'kind', '?')})")
@@ -83,6 +83,9 @@ class DVCE:
         self.start, self.lambda_c, self.lambda_d = int(start), float(lambda_c), float(lambda_d)
         self.cone_angle = None if cone_angle is None else float(cone_angle)
         self.cone_inside, self.augmentations = cone_inside, int(augmentations)
+        if augment_size is not None and int(augment_size) < 1:
+            raise CfxError(f"method.augment_size={augment_size} must be a positive size in pixels, or null")
+        self.augment_size = None if augment_size is None else int(augment_size)
         self.clip_denoised, self.classifier_loss = bool(clip_denoised), classifier_loss
 
     @torch.no_grad()
@@ -119,7 +122,7 @@ class DVCE:
 
     def classifier_gradient(self, model, x0: Tensor, z: Tensor, target: Tensor, rng) -> Tensor:
         """∇_z of the loss averaged over the augmented copies of x̂_0 (the first copy unaugmented)."""
-        copies = dvce_augment(x0, self.augmentations, rng.generators)  # (n·A)×C×H×W, sample-major
+        copies = dvce_augment(x0, self.augmentations, rng, size=self.augment_size)  # (n·A)×C×H×W, sample-major
         loss = self.objective.loss(model(copies), target.repeat_interleave(self.augmentations), self.classifier_loss)
         (g,) = torch.autograd.grad(loss.sum() / self.augmentations, z, retain_graph=True)
         return g
