@@ -26,6 +26,7 @@ from cfx_cli.methods.base import CFResult, check_dilation, difference_mask
 from cfx_cli.methods.guidance import check_finite
 
 SUCCESS_ON = ("final", "pre_explanation")
+LOSS_REDUCTIONS = ("sum", "mean")
 
 
 class ACE:
@@ -33,7 +34,7 @@ class ACE:
 
     def __init__(self, sampler, model, objective, tau=5, iterations=50, step=1.0, epsilon=255.0, lambda_l1=0.001,
                  lambda_l2=0.0, mask_dilation=15, mask_threshold=0.15, classifier_loss="ce", early_stop=None,
-                 success_on="final"):
+                 success_on="final", loss_reduction="sum", stop_after_step=False):
         if getattr(sampler, "kind", None) != "ddpm":
             raise CfxError(f"method=ace filters with stochastic DDPM steps: use sampler=ddpm "
                            f"(got sampler={getattr(sampler, 'kind', '?')})")
@@ -50,6 +51,9 @@ class ACE:
         if success_on not in SUCCESS_ON:
             raise CfxError(f"method.success_on={success_on!r} is unknown; use final (the corrected judgement) or "
                            f"pre_explanation (the public code's)")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise CfxError(f"method.loss_reduction={loss_reduction!r} is unknown; use sum (each sample's own loss) or "
+                           f"mean (the public code: the loss averaged over the batch)")
         self.sampler, self.model, self.objective = sampler, model, objective
         self.tau, self.iterations = int(tau), int(iterations)
         # the public code's units: [0, 1] images, step and budget in 1/255; cfx's images are in [-1, 1]
@@ -60,15 +64,18 @@ class ACE:
         # AC-RE stops a sample once its target is reached; ACE runs every iteration on every image
         self.early_stop = (objective.task == "regression") if early_stop is None else bool(early_stop)
         self.success_on = success_on
+        self.loss_reduction, self.stop_after_step = loss_reduction, bool(stop_after_step)
 
     # ------------------------------------------------------------------ the algorithm
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
-        pe, iterations = self.pre_explanation(x, target, rng)
+        pe, iterations, reached = self.pre_explanation(x, target, rng)
         mask = difference_mask(pe, x, self.mask_dilation, self.mask_threshold)
         x_cf = self.refine(pe, x, mask, rng)
         pe_success = self.objective.success(self.model(pe), target)
         info = {"pgd_iterations": iterations.float(), "success_pre_explanation": pe_success.float()}
+        if self.early_stop:  # AC-RE's own success: the stopping rule fired (f(F_τ(x′)) within tolerance)
+            info["pgd_reached"] = reached.float()
         return CFResult(x_cf=x_cf, extras={"pre_explanation": pe, "mask": mask}, info=info,
                         judged=pe if self.success_on == "pre_explanation" else None)
 
@@ -78,33 +85,37 @@ class ACE:
         z = self.sampler.q_sample(x_prime, start, rng.randn(x_prime.shape[1:]))
         return self.sampler.denoise(z, start, -1, rng, grad=True)
 
-    def pre_explanation(self, x: Tensor, target: Tensor, rng) -> tuple[Tensor, Tensor]:
-        """PGD on x′ through the filter; returns x′ and each sample's number of gradient iterations."""
+    def pre_explanation(self, x: Tensor, target: Tensor, rng) -> tuple[Tensor, Tensor, Tensor]:
+        """PGD on x′ through the filter; returns x′, each sample's number of gradient iterations and
+        whether its stopping rule fired (early_stop)."""
         x01 = (x + 1) / 2
         pe01 = x01.clone()
         running = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        reached_any = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         iterations = torch.zeros(len(x), dtype=torch.long, device=x.device)
         for _ in range(self.iterations):
             rows = running.nonzero().flatten()
             if len(rows) == 0:
                 break
             with rng.subset(rows.cpu()) as sub:
-                g, reached = self.gradient(pe01[rows], x01[rows], target[rows], sub)
-            if self.early_stop:  # stop before stepping: the filtered x′ already reaches y*
-                g = g * (~reached).view(-1, 1, 1, 1)
-                running[rows[reached]] = False
+                g, reached = self.gradient(pe01[rows], x01[rows], target[rows], sub, len(x))
             iterations[rows] += 1
+            if self.early_stop:
+                if not self.stop_after_step:  # keep the x′ whose filtered image reached y*
+                    g = g * (~reached).view(-1, 1, 1, 1)
+                running[rows[reached]] = False
+                reached_any[rows[reached]] = True
             pe01[rows] = self.project(pe01[rows] - self.step * g.sign(), x01[rows])
-        return pe01 * 2 - 1, iterations
+        return pe01 * 2 - 1, iterations, reached_any
 
-    def gradient(self, pe01: Tensor, x01: Tensor, target: Tensor, rng) -> tuple[Tensor, Tensor]:
+    def gradient(self, pe01: Tensor, x01: Tensor, target: Tensor, rng, batch: int) -> tuple[Tensor, Tensor]:
         """∇_{x′}[L(f(F_τ(x′)), y*) + distances] in [0, 1] units, and whether f(F_τ(x′)) reaches y*."""
         with torch.enable_grad():
             pe01 = pe01.detach().requires_grad_(True)
             out = self.model(self.filtered(pe01 * 2 - 1, rng))
-            # per-sample sum (the public code averages the classifier loss over its batch, which makes
-            # the λ's weight depend on the batch size; with sign steps only that ratio matters)
             loss = self.objective.loss(out, target, self.classifier_loss).sum()
+            if self.loss_reduction == "mean":  # the public code: averaged over the batch (running or not)
+                loss = loss / batch
             diff = (pe01 - x01).flatten(1)
             if self.lambda_l1:
                 loss = loss + self.lambda_l1 * diff.abs().sum()
