@@ -53,12 +53,12 @@ def generative():
     return load_adm(ADM / "tiny_adm_celeba_format.pt", diffusion_steps=flags.pop("diffusion_steps"), **flags)
 
 
-def load(name):
+def load(name, role="classifier"):
     meta = json.loads((PARITY / f"{name}.json").read_text())
     t = load_file(str(PARITY / f"{name}.safetensors"))
     noise = [t[k] for k in sorted(k for k in t if k.startswith("noise."))]
     net = SmallNet()
-    net.load_state_dict({k[len("classifier."):]: v for k, v in t.items() if k.startswith("classifier.")})
+    net.load_state_dict({k[len(role) + 1:]: v for k, v in t.items() if k.startswith(role + ".")})
     return meta, t, noise, net
 
 
@@ -68,9 +68,10 @@ def run(method_kwargs, meta, t, noise, net, generative, task, objective):
     model = Counted(ExplainedModel(net, task, head="sigmoid", num_classes=1) if task == "classification"
                     else ExplainedModel(net, task), meter, "model")
     sampler = DDPMSampler(Counted(generative, meter, "unet"), steps=s["timestep_respacing"])
-    method = ACE(sampler, model, objective, tau=s["respaced_tau"], step=s["attack_step"],
-                 epsilon=s["attack_epsilon"], mask_dilation=s["sampling_dilation"],
-                 mask_threshold=s["sampling_inpaint"], loss_reduction="mean", **method_kwargs)
+    method = ACE(sampler, model, objective, tau=s["respaced_tau"], iterations=s["attack_iterations"],
+                 step=s["attack_step"], epsilon=s["attack_epsilon"], lambda_l1=s["dist_l1"], lambda_l2=s["dist_l2"],
+                 mask_dilation=s["sampling_dilation"], mask_threshold=s["sampling_inpaint"],
+                 loss_reduction="mean", **method_kwargs)  # the public code averages the loss over its batch
     x = t["x"] * 2 - 1
     bank = NoiseBank(noise)
     rng = SampleRNG(0, range(len(x)), meter=meter, source=bank)
@@ -80,7 +81,7 @@ def run(method_kwargs, meta, t, noise, net, generative, task, objective):
     project = method.project
     method.project = lambda pe01, x01: (lambda r: iterates.append(r.clone()) or r)(project(pe01, x01))
     meter.start(len(x))
-    result = method.explain(x, t["target"], rng)
+    result = method.explain(x, t["target"].view(len(x)), rng)
     counts = meter.stop()
     assert bank.remaining == 0  # every recorded draw used, in order
     return result, iterates, gradients, counts
@@ -91,9 +92,8 @@ def test_ace_matches_the_official_code(variant, generative):
     meta, t, noise, net = load(f"ace_{variant}")
     s = meta["settings"]
     objective = ClassificationObjective("flip", head="sigmoid", query=0, num_outputs=1)
-    result, iterates, gradients, counts = run(dict(iterations=s["attack_iterations"], lambda_l1=s["dist_l1"],
-                                        lambda_l2=s["dist_l2"], classifier_loss="ce"),
-                                   meta, t, noise, net, generative, "classification", objective)
+    result, iterates, gradients, counts = run(dict(classifier_loss="ce"), meta, t, noise, net, generative,
+                                              "classification", objective)
     n, tau, iters = len(t["x"]), s["respaced_tau"], s["attack_iterations"]
     for k in range(iters):  # the gradient PGD takes the sign of (~1e-3; equal to ~1e-8), then x′ after the step
         torch.testing.assert_close(gradients[k], t["pgd_gradients"][k], rtol=1e-4, atol=1e-7)
@@ -117,3 +117,50 @@ def test_ace_matches_the_official_code(variant, generative):
 
 def result_model(net):
     return ExplainedModel(net, "classification", head="sigmoid", num_classes=1)
+
+
+def test_ac_re_matches_the_official_code(generative):
+    """AC-RE on the squares' setting (step 2/255, no distance term, dilation 5, stop at |y − y*| ≤ 0.05),
+    three samples: one stops at the 2nd iteration, one at the 4th, one never (4 iterations)."""
+    meta, t, noise, net = load("acre", "regressor")
+    s = meta["settings"]
+    n, tau, iters = len(t["x"]), s["respaced_tau"], s["attack_iterations"]
+    # The public main() first reconstructs x through the filter (x_reconstructed, a figure of the paper's,
+    # never used by the method): its draws come first in the bank and cfx makes no such pass.
+    initial = 1 + (tau - 1)
+    noise = noise[initial:]
+    target = t["target"].view(n)
+    objective = RegressionObjective("absolute", value=0.5, tolerance=s["confidence_threshold"])
+    result, iterates, gradients, counts = run(dict(early_stop=True, stop_after_step=True), meta, t, noise, net,
+                                              generative, "regression", objective)
+    # which samples the public PGD was still attacking at each iteration: the stop is decided on
+    # f(F_τ(x′)) before that iteration's step (which the public code still takes)
+    reached = (t["filtered_predictions"].view(-1, n) - target).abs() <= s["confidence_threshold"]
+    stop = [int(r.nonzero()[0]) if r.any() else None for r in reached.T]
+    running = [torch.tensor([k <= (iters if j is None else j) for j in stop]) for k in range(iters)]
+    assert stop == [1, 3, None]  # the fixture's three cases
+    assert len(gradients) == iters
+    for k in range(iters):  # cfx works on the running samples only; the public code on the whole batch
+        torch.testing.assert_close(gradients[k], t["pgd_gradients"][k][running[k]], rtol=1e-4, atol=1e-7)
+        close(iterates[k], t["pre_explanation_iterates"][k][running[k]])
+    close((result.extras["pre_explanation"] + 1) / 2, t["pre_explanation"])
+    assert torch.equal(result.extras["mask"], t["mask"])
+    close((result.x_cf + 1) / 2, t["counterfactual"])
+    # success: the public AC-RE reports its stopping rule (on the filtered x′); cfx reports it as pgd_reached and
+    # judges the final image, the same test as the public code's y_final
+    assert torch.equal(result.info["pgd_reached"], t["success"])
+    with torch.no_grad():
+        y_final = ExplainedModel(net, "regression")(result.x_cf)
+    close(y_final, t["prediction_final"].view(n))
+    its = torch.tensor([iters if j is None else j + 1 for j in stop])
+    assert torch.equal(result.info["pgd_iterations"].long(), its)
+    # the public steps_needed: the last 0-based iteration a sample was still attacking when checked
+    assert t["steps_done"].long().tolist() == [max(j - 1, 0) if j is not None else iters - 1 for j in stop]
+    # calls: cfx charges each sample its own iterations; the public code runs the whole batch through the
+    # filter until the last sample stops (4 iterations here), plus the reconstruction pass
+    c = meta["calls"]
+    assert c["unet_forward_calls_with_grad"] == iters * tau == c["pgd_iterations_run"] * tau
+    assert c["unet_forward_calls_without_grad"] == 2 * tau and c["unet_calls_initial_reconstruction"] == tau
+    assert counts["unet"]["forward"].tolist() == (its * tau + tau).tolist()
+    assert counts["unet"]["backward"].tolist() == (its * tau).tolist()
+    assert counts["model"]["backward"].tolist() == its.tolist()
