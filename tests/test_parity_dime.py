@@ -162,3 +162,20 @@ def test_dime_matches_the_official_code(fixture, tmp_path):
         torch.testing.assert_close(x_hat, fx[f"pass{p}.x_hat_1"], **TOL)
         assert x_hat.shape[0] == len(info["rows"])
     assert counts["unet"]["forward"].tolist() == [15, 30, 30]  # τ + Σ_{k<τ} k = 5 + 10 per scale
+
+
+def test_perceptual_term_clamps_its_inputs_as_dimes_normalizer(tmp_path):
+    """DiME's PerceptualLoss feeds VGG Normalizer(x) = ((clamp(x, -1, 1) + 1) / 2 - μ) / σ: a clean estimate
+    outside [-1, 1] is read as its clamp and passes no gradient there."""
+    from cfx_cli.models.perceptual import VGGPerceptual
+
+    save_file(vgg_weights(), str(tmp_path / "vgg.safetensors"))
+    vgg = VGGPerceptual(str(tmp_path / "vgg.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1, torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    x[0, :, 3, 4] = torch.tensor([1.7, -1.4, 1.2])
+    x.requires_grad_(True)
+    loss = vgg(x, y)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.equal(grad[0, :, 3, 4], torch.zeros(3))
+    torch.testing.assert_close(loss, vgg(x.detach().clamp(-1, 1), y))

@@ -43,9 +43,10 @@ class VGGPerceptual(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Per-sample mean squared feature difference; images in [-1, 1]."""
-        fx = self.features(((x + 1) / 2 - self.mean) / self.std)
-        fy = self.features(((y + 1) / 2 - self.mean) / self.std)
+        """Per-sample mean squared feature difference; images in [-1, 1], clamped to it first as DiME's
+        ``Normalizer`` does (core/sample_utils.py; a pixel outside the range passes no gradient)."""
+        fx = self.features(((x.clamp(-1, 1) + 1) / 2 - self.mean) / self.std)
+        fy = self.features(((y.clamp(-1, 1) + 1) / 2 - self.mean) / self.std)
         return (fx - fy).pow(2).flatten(1).mean(1)
 
 
