@@ -55,7 +55,7 @@ class LDCE:
     name = "ldce"
 
     def __init__(self, sampler, model, objective, strength=0.382, lambda_c=2.3, lambda_d=0.3, consensus=True,
-                 angle=45.0, scale=3.0, classifier_loss="ce"):
+                 angle=45.0, scale=3.0, classifier_loss="ce", set_alpha_to_one=True):
         if getattr(sampler, "kind", None) != "ddim":
             raise CfxError(f"method=ldce runs deterministic DDIM with guidance in epsilon-space: use sampler=ddim "
                            f"(got sampler={getattr(sampler, 'kind', '?')})")
@@ -76,6 +76,7 @@ class LDCE:
         self.sampler, self.model, self.objective = sampler, model, objective
         self.lambda_c, self.lambda_d, self.scale = float(lambda_c), float(lambda_d), float(scale)
         self.consensus, self.angle, self.classifier_loss = bool(consensus), float(angle), classifier_loss
+        self.set_alpha_to_one = bool(set_alpha_to_one)
 
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
@@ -86,10 +87,19 @@ class LDCE:
         kept = []
         for t in range(self.t_enc - 1, -1, -1):
             eps, share = self.guided_eps(z, x, target, t)
-            z = self.sampler.step({"z_t": z}, t, None, eps=eps)
+            z = self.ddim_step(z, t, eps)
             kept.append(share)
         x_cf = gen.decode(z).clamp(-1, 1)
         return CFResult(x_cf=x_cf, info={"consensus_kept": torch.stack(kept).mean(0)})
+
+    def ddim_step(self, z: Tensor, t: int, eps: Tensor) -> Tensor:
+        """One deterministic DDIM step with ε̃. The last step (t = 0) goes to ᾱ = 1 (the clean latent), or with
+        ``set_alpha_to_one=false`` to ᾱ of training timestep 0 (1 − β_0), as LDM's DDIMSampler and the public code."""
+        if t > 0 or self.set_alpha_to_one:
+            return self.sampler.step({"z_t": z}, t, None, eps=eps)
+        a_prev = float(self.sampler.model.schedule.alphas_cumprod[0])
+        x0 = self.sampler.schedule.x0_from_eps(z, t, eps)
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
     def guided_eps(self, z: Tensor, x: Tensor, target: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """ε̃ at grid index t, and the share of latent positions whose classifier score was kept."""
