@@ -24,17 +24,20 @@ from cfx_cli.diffusion.schedule import NoiseSchedule, _gather
 from cfx_cli.errors import CfxError
 
 
-def respaced(schedule: NoiseSchedule, steps) -> NoiseSchedule:
-    """``schedule`` on the grid ``steps`` (an int, guided-diffusion's "10,15,20", "ddimN", "ldmN"; None = all)."""
+def respaced(schedule: NoiseSchedule, steps, key: str = "sampler.steps") -> NoiseSchedule:
+    """``schedule`` on the grid ``steps`` (an int, guided-diffusion's "10,15,20", "ddimN", "ldmN"; None = all).
+    ``key``: the config key that gave ``steps``, named in errors."""
     full = schedule.num_timesteps
+    if isinstance(steps, str) and steps.strip().isdigit():  # "20" from a command line = 20
+        steps = int(steps)
     if steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps == full):
         return schedule
-    hint = (f"sampler.steps={steps!r} is not a grid of the model's {full} steps: use an int in 1..{full}, "
+    hint = (f"{key}={steps!r} is not a grid of the model's {full} steps: use an int in 1..{full}, "
             f"per-section counts such as \"10,15,20\", \"ddimN\" or \"ldmN\"")
     if isinstance(steps, bool) or not isinstance(steps, (int, str)):
         raise CfxError(hint)
     if isinstance(steps, int) and not 0 < steps <= full:
-        raise CfxError(f"sampler.steps={steps} must lie in 1..{full} (the model's training steps)")
+        raise CfxError(f"{key}={steps} must lie in 1..{full} (the model's training steps)")
     try:
         out = schedule.respace(steps)
     except (ValueError, TypeError):
@@ -187,17 +190,27 @@ class DDIMSampler(Sampler):
             z_prev = z_prev + sigma * noise
         return z_prev
 
-    def invert(self, x0: Tensor, t_to: int | None = None, cond=None, grad: bool = False) -> Tensor:
-        """Deterministic DDIM inversion, as Diff-AE does it: the clean image is taken as level 0 and
-        each step maps level t to t + 1 with the ε predicted at t; returns z at level ``t_to``
-        (default: the top of the grid), from which ``denoise(z, t_to)`` reconstructs x_0."""
+    def invert(self, x0: Tensor, t_to: int | None = None, cond=None, grad: bool = False, t_from: int = 0) -> Tensor:
+        """Deterministic DDIM inversion: the clean image is taken as level 0 and each step maps
+        level t to t + 1 with the (clipped) x̂_0 and the ε re-derived from it at t; returns z at level
+        ``t_to`` (default: the top of the grid), from which ``denoise(z, t_to)`` reconstructs x_0.
+        ``t_from``: ``x0`` is z at that level already (resume an inversion part-way).
+
+        ``t_to = num_steps`` takes one step past the top, to ᾱ = 0, as DiffAE's
+        ``ddim_reverse_sample_loop`` does (its ``alphas_cumprod_next`` ends with 0): N network calls
+        on an N-step grid, and z = ε̂ predicted at the top level, which DiffAE then decodes as if
+        it were z at the top level (``denoise(z, num_steps − 1)``)."""
         t_to = self.num_steps - 1 if t_to is None else t_to
+        if not 0 <= t_from <= t_to <= self.num_steps:
+            raise CfxError(f"DDIM inversion from level {t_from} to {t_to}: the grid has levels 0..{self.num_steps - 1} "
+                           f"(or {self.num_steps}: past the top, to ᾱ = 0)")
+        a_next_table = torch.cat([self.schedule.alphas_cumprod[1:], self.schedule.alphas_cumprod.new_zeros(1)])
         z = x0
         with torch.set_grad_enabled(grad):
-            for t in range(0, t_to):
+            for t in range(t_from, t_to):
                 x0_hat = self.predict(z, t, cond)["pred_xstart"]
                 eps = self.schedule.eps_from_x0(z, t, x0_hat)
-                a_next = _gather(self.schedule.alphas_cumprod, t + 1, z)
+                a_next = _gather(a_next_table, t, z)
                 z = a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps
         return z
 

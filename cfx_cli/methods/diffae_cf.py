@@ -1,6 +1,7 @@
 """Diff-AE counterfactuals: optimise a Diffusion Autoencoder's semantic code (Ha & Bender 2025, Diff-AE-RE).
 
-    z_sem ← Enc(x);  x_T ← DDIM⁻¹(x | z_sem)             (deterministic inversion, ``inversion_steps``)
+    z_sem ← Enc(x);  x_T ← DDIM⁻¹(x | z_sem)             (deterministic inversion on the ``inversion_steps`` grid,
+                                                           DiffAE's: N steps, the last to ᾱ = 0)
     x_rec ← DDIM(x_T | z_sem)                            (the reconstruction the heat-map compares with)
     z ← z_sem;  Adam(z, lr)
     repeat ≤ iterations, per sample until success:
@@ -12,17 +13,27 @@
 
 x_T stays fixed, so only what z_sem carries (the semantics) can change. L is the objective's loss:
 (f(x) − y*)² for regressors, cross-entropy (or the signed logit) for classifiers — the same optimiser
-gives Diff-AE counterfactuals for classifiers (``method=diffae``). Per-sample losses are summed, so
-a sample's path does not depend on its batch (the public code averages the MSE over the batch;
-Adam is invariant to that scale up to its ε). The public code passes 250 inversion steps but its
-inversion falls back to the model's default of 20; cfx uses 20 and says so.
+gives Diff-AE counterfactuals for classifiers (``method=diffae``).
+
+As the public code (DiffAE's ``encode_stochastic`` / ``render``, the regression paper's
+``DiffeoCF.adv_attack_dae_batch``): grids are DiffAE's ``ddimN`` (``range(0, 1000, 1000 // N)``:
+inversion ``ddim20`` = its ``T_eval``, which ``DAE.encode`` falls back to although the scripts pass
+``forward_t=250``; rendering ``ddim10`` = ``backward_t``); the inversion takes N steps, the last from
+the top of the grid to ᾱ = 0, so x_T = ε̂ there, decoded from the top level; the public code's
+``num_steps`` renders are ``iterations + 1`` here (its update after the last render is never seen).
+Deliberate differences: per-sample losses are summed, so a sample's path does not depend on its
+batch (``batch_mean_loss=true``: the public code's MSE averaged over the whole batch, finished
+samples included, with λ‖z − z_sem‖₁ summed over it — λ's weight then grows with the batch size;
+Adam is invariant to the loss scale up to its ε, so with λ = 0 only ε-level differences remain);
+finished samples are neither rendered nor evaluated again (the public code re-renders the whole
+batch each step: the same images, at more cost).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from cfx_cli.diffusion.sampler import DDIMSampler
+from cfx_cli.diffusion.sampler import DDIMSampler, respaced
 from cfx_cli.errors import CfxError
 from cfx_cli.methods.base import CFResult
 from cfx_cli.methods.guidance import check_finite
@@ -31,8 +42,8 @@ from cfx_cli.methods.guidance import check_finite
 class DiffAECounterfactual:
     name = "diffae"
 
-    def __init__(self, sampler, model, objective, lr=0.002, iterations=200, lambda_z=0.0, inversion_steps=20,
-                 classifier_loss="ce"):
+    def __init__(self, sampler, model, objective, lr=0.002, iterations=199, lambda_z=0.0, inversion_steps="ddim20",
+                 classifier_loss="ce", batch_mean_loss: bool = False):
         gen, name = sampler.model, self.name
         if not hasattr(gen, "semantic"):
             raise CfxError(f"method={name} optimises a Diffusion Autoencoder's semantic code: use "
@@ -43,9 +54,10 @@ class DiffAECounterfactual:
         if float(lr) <= 0 or int(iterations) < 1:
             raise CfxError(f"method.lr={lr} and method.iterations={iterations} must be positive")
         self.sampler, self.model, self.objective = sampler, model, objective
-        self.inverter = DDIMSampler(gen, steps=int(inversion_steps))
+        respaced(gen.schedule, inversion_steps, key="method.inversion_steps")  # any grid spelling; errors name the key
+        self.inverter = DDIMSampler(gen, steps=inversion_steps)
         self.lr, self.iterations, self.lambda_z = float(lr), int(iterations), float(lambda_z)
-        self.classifier_loss = classifier_loss
+        self.classifier_loss, self.batch_mean_loss = classifier_loss, bool(batch_mean_loss)
 
     def render(self, x_T: Tensor, z: Tensor, grad: bool = False) -> Tensor:
         return self.sampler.denoise(x_T, self.sampler.num_steps - 1, -1, cond=z, grad=grad).clamp(-1, 1)
@@ -54,7 +66,7 @@ class DiffAECounterfactual:
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
         gen = self.sampler.model
         z_sem = gen.semantic(x)
-        x_T = self.inverter.invert(x, cond=z_sem)
+        x_T = self.inverter.invert(x, self.inverter.num_steps, cond=z_sem)  # DiffAE's: past the top, to ᾱ = 0
         x_rec = self.render(x_T, z_sem)
         z = z_sem.clone()
         x_cf = x_rec.clone()
@@ -80,6 +92,8 @@ class DiffAECounterfactual:
                 if not go.any():
                     break
                 loss = self.objective.loss(out, target[active], self.classifier_loss)
+                if self.batch_mean_loss:  # the public code: the mean over the whole batch, finished samples included
+                    loss = loss / len(x)
                 loss = loss + self.lambda_z * (za - z_sem[active]).abs().flatten(1).sum(1)
                 for o in (opts[i] for i in active[go].tolist()):
                     o.zero_grad(set_to_none=True)
