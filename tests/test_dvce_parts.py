@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from cfx_cli.methods.augment import dvce_augment
+from cfx_cli.methods.base import SampleRNG
 from cfx_cli.methods.dvce import cone_projection
+
+
+def _rng(*seeds):
+    """A SampleRNG whose sample i draws from a generator seeded ``seeds[i]``."""
+    rng = SampleRNG(0, range(len(seeds)))
+    rng.generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return rng
 
 
 def _angle(a, b):
@@ -44,23 +52,22 @@ def test_cone_projection_lies_in_the_cone_for_random_gradients():
 
 def test_augment_keeps_the_first_copy_and_is_per_sample():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    out = dvce_augment(x, 4, gens)
+    out = dvce_augment(x, 4, _rng(1, 2))
     assert out.shape == (8, 3, 16, 16)
     torch.testing.assert_close(out[0], x[0])
     torch.testing.assert_close(out[4], x[1])
     assert not torch.allclose(out[1], x[0])
     # the second sample's copies depend on its own generator only
-    alone = dvce_augment(x[1:], 4, [torch.Generator().manual_seed(2)])
+    alone = dvce_augment(x[1:], 4, _rng(2))
     torch.testing.assert_close(alone, out[4:])
-    assert torch.equal(dvce_augment(x, 1, gens), x)
+    assert torch.equal(dvce_augment(x, 1, _rng(1, 2)), x)
 
 
 def test_augment_identity_when_never_applied_and_differentiable():
     x = (torch.rand(1, 3, 12, 12) * 2 - 1).requires_grad_(True)
-    out = dvce_augment(x, 3, [torch.Generator().manual_seed(0)], p=0.0)
+    out = dvce_augment(x, 3, _rng(0), p=0.0)
     torch.testing.assert_close(out, x.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
-    out = dvce_augment(x, 3, [torch.Generator().manual_seed(0)])
+    out = dvce_augment(x, 3, _rng(0))
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
@@ -70,5 +77,5 @@ def test_augment_rotation_matches_a_hand_rotation():
     # compare the centre pixel (fixed under rotation about the centre) with the input's
     x = torch.zeros(1, 1, 9, 9)
     x[0, 0, 4, 4] = 1.0
-    out = dvce_augment(x, 2, [torch.Generator().manual_seed(3)], translate=0.0, p=1.0, distortion=0.0)
+    out = dvce_augment(x, 2, _rng(3), translate=0.0, p=1.0, distortion=0.0)
     assert out[1, 0, 4, 4].item() == pytest.approx(1.0, abs=0.3)

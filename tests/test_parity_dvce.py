@@ -99,7 +99,7 @@ def _bank(draws, n, copies, cone):
     return NoiseBank(out)
 
 
-def _run(name, cone):
+def _run(name, cone, batched_vjp=False):
     t, meta, draws = _load(name)
     flags = json.loads((ADM / "tiny_adm_flags.json").read_text())
     flags.update(diffusion_steps=1000)
@@ -111,7 +111,8 @@ def _run(name, cone):
     copies = meta["settings"]["aug_num"]
     method = DVCE(sampler, model, ClassificationObjective(mode="class", value=0), robust_model=robust, start=5,
                   lambda_c=0.1, lambda_d=0.15, cone_angle=30.0 if cone else None, cone_inside="explained",
-                  augmentations=copies, clip_denoised=False)
+                  augmentations=copies, augment_translate=(0.0, 0.1), clip_denoised=False,
+                  batched_vjp=batched_vjp)
     x, target = t["x"], t["target"]
     bank = _bank(draws, len(x), copies, cone)
     states = []
@@ -130,9 +131,11 @@ def _run(name, cone):
     return t, meta, res, torch.stack(states), counts, model
 
 
-@pytest.mark.parametrize("name,cone", [("plain", False), ("cone", True)])
-def test_dvce_equals_the_public_code(name, cone):
-    t, meta, res, states, counts, model = _run(name, cone)
+@pytest.mark.parametrize("name,cone,batched", [("plain", False, False), ("cone", True, False), ("plain", False, True),
+                                               ("cone", True, True)])
+def test_dvce_equals_the_public_code(name, cone, batched):
+    """batched: cfx's gradients through the UNet in one batched vector-Jacobian product (the same images)."""
+    t, meta, res, states, counts, model = _run(name, cone, batched)
     S, n = meta["steps"], len(t["x"])  # the public code's steps (start..0) and batch
     # the chain: z after the first guided step, and after every step (the public code's last step, at
     # t = 0, only feeds its discarded sample)
@@ -155,7 +158,8 @@ def test_dvce_equals_the_public_code(name, cone):
     A = meta["settings"]["aug_num"]
     assert pub["unet"] == {"forward_images": 2 * S, "backward_images": 3 * S}
     assert torch.equal(counts["unet"]["forward"], torch.full((n,), pub["unet"]["forward_images"] // 2))
-    assert torch.equal(counts["unet"]["backward"], torch.full((n,), (3 if cone else 2) * (S - 1)))
+    passes = 1 if batched else (3 if cone else 2)  # the batched VJP: one backward call through the UNet
+    assert torch.equal(counts["unet"]["backward"], torch.full((n,), passes * (S - 1)))
     for role in ("model", "robust_model") if cone else ("model",):
         assert pub[role]["forward_images"] == A * (S + 1)
         assert pub[role]["backward_images"] == A * S * (1 if cone else 2)

@@ -12,12 +12,15 @@ drawn through the method's :class:`~cfx_cli.methods.base.SampleRNG` (each sample
 generator, so a sample gets the same augmentations whatever its batch; a parity test replays the
 public code's draws through a NoiseBank):
 
-    u[0] < p: apply the affine;  angle = −15° + 30° u[1];  shift = (−0.1 + 0.2 u[2:4]) · (W, H)
+    u[0] < p: apply the affine;  angle = −15° + 30° u[1];  shift = (−t + 2t u[2:4]) · (W, H), t = translate
     u[4] < p: apply the perspective;  corner k moves inwards by 0.7 · (W/2, H/2) · u[5 + 2k : 7 + 2k]
 
 mapped to parameters with kornia's arithmetic, and warped as kornia 0.6.4 warps (the matrix acts on
 pixel coordinates normalised as 2x/(W−1) − 1, the grid is sampled with align_corners=False). Later
 kornia releases changed that normalisation, so the warps are written out here rather than called.
+
+``translate`` is a fraction or an (x, y) pair. kornia 0.6.4 reads the public code's scalar
+``translate=0.1`` as the pair (0, 0.1): its copies shift only vertically (parity: translate=(0, 0.1)).
 """
 from __future__ import annotations
 
@@ -58,7 +61,14 @@ def warp_perspective(src: Tensor, m: Tensor, padding_mode: str = "zeros") -> Ten
     return F.grid_sample(src, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
-def augmentation_matrices(u: Tensor, h: int, w: int, degrees: float = 15.0, translate: float = 0.1,
+def _pair(translate) -> tuple[float, float]:
+    if isinstance(translate, (int, float)):
+        return float(translate), float(translate)
+    tx, ty = translate
+    return float(tx), float(ty)
+
+
+def augmentation_matrices(u: Tensor, h: int, w: int, degrees: float = 15.0, translate=0.1,
                           distortion: float = 0.7):
     """The affine and perspective 3×3 matrices (pixel coordinates) of rows of 13 uniforms, as kornia's
     AffineGenerator / PerspectiveGenerator turn its Uniform draws (low + u·(high − low)) into them."""
@@ -69,8 +79,11 @@ def augmentation_matrices(u: Tensor, h: int, w: int, degrees: float = 15.0, tran
     u = u.float().cpu()
     lo, hi = torch.tensor(-float(degrees), **f32), torch.tensor(float(degrees), **f32)
     angle = lo + u[:, 1] * (hi - lo)
-    tlo, thi = torch.tensor(-float(translate), **f32), torch.tensor(float(translate), **f32)
-    shift = torch.stack([(tlo + u[:, 2] * (thi - tlo)) * w, (tlo + u[:, 3] * (thi - tlo)) * h], -1)
+    (tx, ty), shift = _pair(translate), []
+    for t, col, size in ((tx, 2, w), (ty, 3, h)):
+        tlo, thi = torch.tensor(-t, **f32), torch.tensor(t, **f32)
+        shift.append((tlo + u[:, col] * (thi - tlo)) * size)
+    shift = torch.stack(shift, -1)
     centre = (torch.tensor([w, h], **f32).view(1, 2) / 2.0 - 0.5).expand(n, -1)
     affine = get_affine_matrix2d(shift, centre, torch.ones(n, 2), angle, torch.zeros(n), torch.zeros(n))
     start = torch.tensor([[[0.0, 0.0], [w - 1, 0.0], [w - 1, h - 1], [0.0, h - 1]]]).expand(n, -1, -1)
@@ -81,7 +94,7 @@ def augmentation_matrices(u: Tensor, h: int, w: int, degrees: float = 15.0, tran
     return affine, get_perspective_transform(start, end)
 
 
-def dvce_augment(x: Tensor, copies: int, rng, degrees: float = 15.0, translate: float = 0.1,
+def dvce_augment(x: Tensor, copies: int, rng, degrees: float = 15.0, translate=0.1,
                  distortion: float = 0.7, p: float = 0.7, size: int | None = None) -> Tensor:
     """(N·copies)×C×H'×W', sample-major: for each image itself, then copies − 1 augmented versions.
 

@@ -13,8 +13,10 @@
     x_cf ← x̂_0(z_1) at t = 0                               (the last clean estimate; unguided)
 
 L is the objective's loss (cross-entropy: −log p(y*), with the model's temperature). Cost per guided
-step: one UNet forward and backward; one forward and backward of each classifier on ``augmentations``
-copies; then one UNet forward for the output. The public code runs the UNet twice per step (once
+step: one UNet forward and one backward pass per gradient (2, or 3 with the cone; ``batched_vjp``: all
+of them in one batched vector-Jacobian product, counted as one pass, the same numbers); one forward
+and backward of each classifier on ``augmentations`` copies; then one UNet forward for the output.
+Augmentations: cfx_cli/methods/augment.py (kornia 0.6.4's, as the public code pins it). The public code runs the UNet twice per step (once
 without gradients for μ, once with them for x̂_0) and guides the t = 0 step it then discards; cfx
 gets the same numbers from one call per step and skips that last gradient.
 """
@@ -62,7 +64,7 @@ class DVCE:
 
     def __init__(self, sampler, model, objective, robust_model=None, start=99, lambda_c=0.1, lambda_d=0.15,
                  cone_angle=30.0, cone_inside="explained", augmentations=16, augment_size=None,
-                 clip_denoised=False, classifier_loss="ce"):
+                 augment_translate=(0.1, 0.1), clip_denoised=False, classifier_loss="ce", batched_vjp=False):
         if getattr(sampler, "kind", None) != "ddpm":
             raise CfxError(f"method=dvce guides the DDPM posterior mean (μ + Σ g): use sampler=ddpm "
                            f"(got sampler={getattr(sampler, 'kind', '?')})")
@@ -86,7 +88,13 @@ class DVCE:
         if augment_size is not None and int(augment_size) < 1:
             raise CfxError(f"method.augment_size={augment_size} must be a positive size in pixels, or null")
         self.augment_size = None if augment_size is None else int(augment_size)
+        tr = [augment_translate] * 2 if isinstance(augment_translate, (int, float)) else list(augment_translate)
+        if len(tr) != 2 or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in tr):
+            raise CfxError(f"method.augment_translate={augment_translate} must be [x, y] fractions in [0, 1], "
+                           f"e.g. [0.1, 0.1] (the public code's kornia 0.6.4 shifts by [0.0, 0.1])")
+        self.augment_translate = (float(tr[0]), float(tr[1]))
         self.clip_denoised, self.classifier_loss = bool(clip_denoised), classifier_loss
+        self.batched_vjp = bool(batched_vjp)
 
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
@@ -108,21 +116,32 @@ class DVCE:
             z = z.detach().requires_grad_(True)
             out = self.sampler.predict(z, t, clip=self.clip_denoised)
             x0 = out["pred_xstart"]
-            g_c = self.classifier_gradient(self.model, x0, z, target, rng)
+            # the gradients' cotangents at x̂_0 (classifier backward passes only), then through the UNet:
+            # one backward pass each, or all in one batched vector-Jacobian product
+            at = x0.detach().requires_grad_(True) if self.batched_vjp else x0
+            wrt = at if self.batched_vjp else z
+            grads = [self.classifier_gradient(self.model, at, wrt, target, rng)]
+            cone = self.robust is not None and self.cone_angle is not None
+            if cone:
+                grads.append(self.classifier_gradient(self.robust, at, wrt, target, rng))
+            # mean |x̂_0 − x| over all elements, as the public code's l1_loss (its --denoise_dist_input)
+            grads += torch.autograd.grad(F.l1_loss(at, x, reduction="mean") * len(x), wrt, retain_graph=True)
+            if self.batched_vjp:
+                grads = torch.autograd.grad(x0, z, torch.stack(grads), is_grads_batched=True)[0].unbind(0)
+            g_c, g_d = grads[0], grads[-1]
             angle = torch.full((len(x),), float("nan"), device=x.device)
-            if self.robust is not None and self.cone_angle is not None:
-                g_r = self.classifier_gradient(self.robust, x0, z, target, rng)
+            if cone:
+                g_r = grads[1]
                 angle = torch.rad2deg(torch.acos(_dot(_unit(g_c), _unit(g_r)).flatten().clamp(-1, 1)))
                 g_c = cone_projection(g_c, g_r, self.cone_angle, self.cone_inside)
-            # mean |x̂_0 − x| over all elements, as the public code's l1_loss (its --denoise_dist_input)
-            (g_d,) = torch.autograd.grad(F.l1_loss(x0, x, reduction="mean") * len(x), z)
         eps_norm = out["eps"].detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         g = eps_norm * (self.lambda_c * _unit(g_c) + self.lambda_d * _unit(g_d))
         return {k: v.detach() for k, v in out.items()}, g, angle
 
     def classifier_gradient(self, model, x0: Tensor, z: Tensor, target: Tensor, rng) -> Tensor:
         """∇_z of the loss averaged over the augmented copies of x̂_0 (the first copy unaugmented)."""
-        copies = dvce_augment(x0, self.augmentations, rng, size=self.augment_size)  # (n·A)×C×H×W, sample-major
+        copies = dvce_augment(x0, self.augmentations, rng, translate=self.augment_translate,
+                              size=self.augment_size)  # (n·A)×C×H×W, sample-major
         loss = self.objective.loss(model(copies), target.repeat_interleave(self.augmentations), self.classifier_loss)
         (g,) = torch.autograd.grad(loss.sum() / self.augmentations, z, retain_graph=True)
         return g
