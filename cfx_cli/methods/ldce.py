@@ -16,7 +16,11 @@ In the paper's notation the scores are −√(1−ᾱ)∇log p and −√(1−�
 never added to ε̃: the conditioning acts only through the consensus mask and the scale ‖ε_c − ε_u‖
 (as the public code). ``consensus=false`` keeps the whole classifier score (the paper's ablation).
 The public code noises to grid index t_enc and starts denoising at t_enc − 1 (LDM's img2img
-indexing); cfx does the same. Cost per step: 2 UNet evaluations per sample (ε_u, ε_c), two backward
+indexing); cfx does the same. Its DDIM (LDM's) ends at ᾱ of training timestep 0 = 1 − β_0, not at 1:
+``set_alpha_to_one=false`` does the same (the paper reproductions' setting; cfx's default ends at the
+clean latent). With it, cfx equals the public code (lmb-freiburg/ldce) to float32 rounding on a tiny
+class-conditional LDM, consensus on and off: latents, guided ε, counterfactual, success and call counts
+(tests/test_parity_ldce.py). Cost per step: 2 UNet evaluations per sample (ε_u, ε_c), two backward
 passes through them (classifier and distance gradients), one decoder pass.
 """
 from __future__ import annotations
