@@ -1,5 +1,5 @@
 """The Python API, for notebooks: the parts of a job from a config (or your own model), explained batch
-by batch through the same code as `cfx run` (``cfx_cli.run.explain_batch``), with no job folder.
+by batch through the same code as `cfx run` (``cfx_cli.job.explain.explain_batch``), with no job folder.
 
     from cfx_cli.api import Explainer
     ex = Explainer(["method=fastdime"])                   # any `cfx run` overrides; device="auto"
@@ -20,20 +20,11 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from cfx_cli.run import BatchExplanation, build, explain_batch, fit_defaults, resolve_device
+from cfx_cli.config import compose
+from cfx_cli.job.build import JobParts, fit_defaults, resolve_device
+from cfx_cli.job.explain import BatchExplanation, explain_batch
 
-
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """The config `cfx run OVERRIDES` would run (Hydra's compose API, outside any Hydra app)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from cfx_cli import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+__all__ = ["Explainer", "compose"]
 
 
 class Explainer:
@@ -54,7 +45,7 @@ class Explainer:
             explained = model if isinstance(model, ExplainedModel) else ExplainedModel(
                 model, task, input_size=input_size, normalize=normalize, head=head)
         torch.manual_seed(int(self.cfg.seed))
-        self.parts = build(self.cfg, self.device, model=explained)
+        self.parts = JobParts(self.cfg, self.device, model=explained).all()
 
     @property
     def dataset(self):

@@ -1,4 +1,9 @@
-"""The one exception type that the CLI turns into a single clear line."""
+"""The exceptions a user can act on, and the one line the CLI prints for them."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
 
 
 class CfxError(Exception):
@@ -21,3 +26,50 @@ class UnreadableItem(CfxError):
     def __init__(self, item: str, reason: str, message: str | None = None):
         super().__init__(message or f"cannot read {item}: {reason}")
         self.item, self.reason = item, reason
+
+
+def debug() -> bool:
+    """``cfx --debug`` (or CFX_DEBUG=1): every error in full, none in one line."""
+    return os.environ.get("CFX_DEBUG", "").strip() not in ("", "0", "false")
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an error a user can fix, or None for a bug (shown in full; with --debug,
+    every error is shown in full)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if debug():
+        return None
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, CfxError):
+            return str(seen)
+        if isinstance(seen, MissingMandatoryValue):
+            key = getattr(seen, "full_key", None) or "a key"
+            return f"{key} has no value (???): set it on the command line, e.g. {key}=..."
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def override_error(exc: BaseException) -> str | None:
+    """Hydra's own message for a bad override (unknown key, syntax), on one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
+@contextmanager
+def one_line_errors(*readers):
+    """Inside a command: an error a user can fix (``user_error``, then each of ``readers``) is one line,
+    ``cfx: error: ...``, and exit status 2; a bug goes on as its traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - one line for what a user can fix, a traceback for a bug
+        msg = next((m for read in (user_error, *readers) if (m := read(e)) is not None), None)
+        if msg is None:
+            raise
+        print(f"cfx: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -22,8 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
+
+from cfx_cli.errors import CfxError
+from cfx_cli.metrics.summary import finite, to_long
 
 IMAGE_KINDS = ("original", "counterfactual", "diff")
 
@@ -73,8 +78,6 @@ class JobLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        from cfx_cli.errors import CfxError
-
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
@@ -141,9 +144,7 @@ class JobWriter:
         try:
             return set(read_samples(self.dir)["index"].astype(int).tolist())
         except Exception as e:  # noqa: BLE001 - garbage where a resume expects its rows
-            from cfx_cli.errors import CfxError
-
-            raise CfxError(f"hydra.run.dir={self.dir}: samples.csv cannot be read ({type(e).__name__}); move it "
+                raise CfxError(f"hydra.run.dir={self.dir}: samples.csv cannot be read ({type(e).__name__}); move it "
                            f"away to start over, or choose another hydra.run.dir") from None
 
     def read_status(self) -> dict:
@@ -155,10 +156,13 @@ class JobWriter:
                 raise ValueError("not a JSON object")
             return status
         except (OSError, ValueError) as e:
-            from cfx_cli.errors import CfxError
-
-            raise CfxError(f"hydra.run.dir={self.dir}: status.json cannot be read ({e}); move it away (the "
+                raise CfxError(f"hydra.run.dir={self.dir}: status.json cannot be read ({e}); move it away (the "
                            f"samples stay valid) or choose another hydra.run.dir") from None
+
+    def put_back(self, status: dict) -> None:
+        """A refused resume: status.json and .hydra/ as the last accepted run left them."""
+        write_json(self.status_path, status)
+        self.restore_hydra()
 
     def status(self, **fields):
         status = self.read_status()
@@ -192,9 +196,15 @@ class JobWriter:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def write_metrics(self, metrics: dict[str, float]):
-        from cfx_cli.metrics.summary import to_long
+    def update_samples(self, columns: dict[str, dict[int, float]]) -> None:
+        """Per-sample columns set or added by index (the job's end metrics)."""
+        update_samples(self.dir, columns)
 
+    def write_classes(self, classes: list[str]) -> None:
+        """classes.json: the class mapping, for people and for the tables."""
+        write_json(self.dir / "classes.json", dict(enumerate(classes)))
+
+    def write_metrics(self, metrics: dict[str, float]):
         _atomic_write_bytes(self.dir / "metrics.csv", lambda p: to_long(metrics).to_csv(p, index=False))
 
     def write_grid(self, max_rows: int = 8):
@@ -263,3 +273,194 @@ def read_metrics(job_dir: str | Path) -> dict[str, float]:
         return {}
     df = pd.read_csv(path)
     return dict(zip(df["metric"], df["value"].astype(float)))
+
+
+# ------------------------------------------------------------------ reading a finished job, amending it
+def job_config(job: str | Path) -> DictConfig | None:
+    """The job's recorded config (.hydra/config.yaml), or None."""
+    path = Path(job) / ".hydra" / "config.yaml"
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+def load_image(path: Path) -> torch.Tensor:
+    img = Image.open(path)
+    img = img.convert("L" if img.mode in ("L", "I", "I;16", "1") else "RGB")
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+class Pairs:
+    """The samples that have both images (images/original/<index>.png, images/counterfactual/<index>.png),
+    in index order, read batch by batch (a large job's images need not fit in memory at once). Several
+    folders (the shards of one job) are read as one set: each row's images come from its own folder."""
+
+    def __init__(self, jobs, samples: pd.DataFrame | None = None):
+        jobs = [Path(jobs)] if isinstance(jobs, (str, Path)) else [Path(j) for j in jobs]
+        frames = [(read_samples(j) if samples is None else samples).assign(_images=str(j / "images")) for j in jobs]
+        rows = pd.concat(frames).drop_duplicates("index")
+        has = [(Path(f) / "original" / f"{i}.png").is_file() and (Path(f) / "counterfactual" / f"{i}.png").is_file()
+               for i, f in zip(rows["index"], rows["_images"])]
+        self.rows = rows[np.asarray(has, dtype=bool)].sort_values("index")
+        if self.rows.empty:
+            raise CfxError(f"{', '.join(map(str, jobs))}: no sample has both images/original/<index>.png and "
+                           f"images/counterfactual/<index>.png")
+        self.index = self.rows["index"].astype(int).to_numpy()
+        self.folders = [Path(f) for f in self.rows["_images"]]
+        self.success = successful(self.rows)  # a successful counterfactual that did not fail
+
+    def images(self, indices, kind: str = "counterfactual") -> torch.Tensor:
+        """The ``kind`` images of the samples ``indices`` (N×C×H×W in [-1, 1])."""
+        where = dict(zip(self.index.tolist(), self.folders))
+        return torch.stack([load_image(where[i] / kind / f"{i}.png") for i in indices])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batches(self, batch_size: int, kind: str = "counterfactual"):
+        """(slice of the rows, originals, counterfactuals) for each batch: N×C×H×W in [-1, 1]."""
+        for start in range(0, len(self.index), batch_size):
+            sl = slice(start, min(start + batch_size, len(self.index)))
+            pairs = list(zip(self.index[sl], self.folders[sl]))
+            yield (sl, torch.stack([load_image(f / "original" / f"{i}.png") for i, f in pairs]),
+                   torch.stack([load_image(f / kind / f"{i}.png") for i, f in pairs]))
+
+
+def load_pairs(job, samples: pd.DataFrame | None = None) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+    """The rows that have both images, and all their originals and counterfactuals at once (``job``: a
+    folder, or the shard folders of one job)."""
+    pairs = Pairs(job, samples)
+    _, x, x_cf = next(pairs.batches(len(pairs)))
+    return pairs.rows, x, x_cf
+
+
+def successful(rows: pd.DataFrame) -> np.ndarray:
+    ok = rows["success"].astype(bool).to_numpy().copy() if "success" in rows else np.zeros(len(rows), bool)
+    if "failed" in rows:
+        ok &= ~(rows["failed"].astype(str) == "True").to_numpy()
+    return ok
+
+
+def _atomic_write_rows(path: Path, rows: list[list[str]]) -> None:
+    """Rows to ``path`` (temporary file, then renamed), keeping the line ending the file has (samples.csv:
+    the csv module's \\r\\n; metrics.csv: pandas' \\n)."""
+    ending = "\n"
+    if path.is_file():
+        with open(path, "rb") as fh:
+            ending = "\r\n" if fh.readline().endswith(b"\r\n") else "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh, lineterminator=ending).writerows(rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def update_metrics(job: Path, values: dict[str, float], missing: list[str]) -> None:
+    """Replace (or add) the rows of ``values`` in metrics.csv, leaving every other row as written; a metric
+    of ``missing`` gets an empty value unless the file already has one."""
+    path = job / "metrics.csv"
+    rows: list[list[str]] = []
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+    if not rows or rows[0][:2] != ["metric", "value"]:
+        rows = [["metric", "value"], *rows]
+    where = {r[0]: i for i, r in enumerate(rows) if i}
+    for name, v in values.items():
+        cell = repr(float(v)) if finite(v) else ""
+        if name in where:
+            rows[where[name]] = [name, cell]
+        else:
+            where[name] = len(rows)
+            rows.append([name, cell])
+    for name in missing:
+        if name not in where:
+            rows.append([name, ""])
+    _atomic_write_rows(path, rows)
+
+
+def update_samples(job: Path, columns: dict[str, dict[int, float]]) -> None:
+    """Set (or add) per-sample columns of samples.csv by index, leaving every other cell as written."""
+    path = job / "samples.csv"
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    header = rows[0]
+    at = header.index("index")
+    for name in columns:
+        if name not in header:
+            header.append(name)
+            for r in rows[1:]:
+                if len(r) == len(header) - 1:  # a torn row (killed mid-write) stays as it is
+                    r.append("")
+    for name, by_index in columns.items():
+        col = header.index(name)
+        for r in rows[1:]:
+            if len(r) != len(header):
+                continue
+            try:
+                r[col] = _number_cell(by_index.get(int(r[at])))
+            except ValueError:
+                continue
+    _atomic_write_rows(path, rows)
+
+
+def metrics_with_values(job: Path) -> set[str]:
+    """The names of metrics.csv's rows that hold a value."""
+    path = job / "metrics.csv"
+    if not path.is_file():
+        return set()
+    with open(path, newline="") as fh:
+        return {r[0] for r in csv.reader(fh) if r and r[0] != "metric" and len(r) > 1 and r[1] != ""}
+
+
+
+def find_jobs(paths: list[str]) -> list[Path]:
+    jobs = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise SystemExit(f"cfx aggregate: error: {p} does not exist")
+        for marker in [p / "status.json", *p.rglob("status.json"), *p.rglob(".hydra/config.yaml")]:
+            if marker.exists():
+                jobs.add(marker.parent.parent if marker.parent.name == ".hydra" else marker.parent)
+    return sorted(jobs)
+
+
+def job_record(job: Path) -> dict:
+    """Config choices and values of one job, its state and its metrics; a folder whose files cannot be
+    read (a truncated status.json, a garbage CSV, broken YAML) is an ``unreadable`` record naming why."""
+    try:
+        return _job_record(job)
+    except Exception as e:  # noqa: BLE001 - any parse error of any file: list the folder, table the rest
+        return {"job": str(job), "state": "unreadable", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                "metrics": {}, "task": None, "method": None, "model": None}
+
+
+def _job_record(job: Path) -> dict:
+    rec: dict = {"job": str(job)}
+    cfg_file, hydra_file = job / ".hydra" / "config.yaml", job / ".hydra" / "hydra.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+    rec.update(flatten_config(cfg or {}))
+    if hydra_file.exists():
+        choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
+        rec.update({k: v for k, v in choices.items() if not k.startswith("hydra/")})
+    if "method" not in rec:
+        rec["method"] = rec.get("method.name")
+    kind = "classifier" if rec.get("regressor") in (None, "null") and "classifier" in rec else "regressor"
+    rec["model"] = rec.get(kind)
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else []
+    for o in overrides:  # another file in the group's slot: the table names the file, not the group
+        if isinstance(o, str) and o.lstrip("+").startswith(f"{kind}.path="):
+            rec["model"] = o.split("=", 1)[1]
+    status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {}
+    rec["state"] = status.get("state", "missing")
+    rec["error"] = status.get("error")
+    rec["task"] = status.get("task")
+    rec["metrics"] = read_metrics(job)
+    return rec
+
+
+
+def _number_cell(v) -> str:
+    return f"{float(v):.6g}" if finite(v) else ""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cfx_cli.tables import latex_escape, sigma_l, table
+
 
 @dataclass(frozen=True)
 class Column:
@@ -95,8 +97,6 @@ def to_markdown(text: pd.DataFrame, best: dict[str, set[int]]) -> str:
 
 def to_latex(text: pd.DataFrame, best: dict[str, set[int]]) -> str:
     """A booktabs tabular: arrows as $\\uparrow$/$\\downarrow$, σ as $\\sigma$, the best cell in \\textbf."""
-    from cfx_cli.aggregate import latex_escape
-
     def header(title: str) -> str:
         t = latex_escape(title.replace(" ↑", "").replace(" ↓", "").replace("σ_L", "SIGMA"))
         t = t.replace("SIGMA", "$\\sigma_L$")
@@ -113,3 +113,21 @@ def to_latex(text: pd.DataFrame, best: dict[str, set[int]]) -> str:
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", ""]
     return "\n".join(lines)
+
+
+def paper_tables(records: list[dict], by: list[str]) -> list[tuple]:
+    """(task, numeric frame, text table, {column: best rows}, metrics no job has) per task with finished jobs,
+    in the papers' layout (σ_L included where jobs differ only in their seed)."""
+    out = []
+    for task, layout in LAYOUT.items():
+        rs = [r for r in records if r["state"] == "done" and (r.get("task") or "classification") == task]
+        if not rs:
+            continue
+        df = table(rs, by, [c.metric for c in layout])
+        sigma = sigma_l(rs, by)
+        if sigma:
+            df["sigma_l"] = [sigma.get(tuple(str(row[k]) for k in by), (np.nan, np.nan, 0, row["n_jobs"]))
+                             for _, row in df.iterrows()]
+        out.append((task, df, *paper_table(df, by, task)))
+    return out
+

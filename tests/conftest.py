@@ -10,13 +10,56 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def cfx(*args, cwd=None, check=True, timeout=600):
-    """Run the real `cfx` console entry point in a subprocess; returns CompletedProcess."""
-    proc = subprocess.run([sys.executable, "-m", "cfx_cli.cli", *args], cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def cfx(*args, cwd=None, check=True, timeout=600, subprocess_=False):
+    """`cfx ARGS` as the console entry point runs it (``cfx_cli.cli.main``): its exit status, standard output
+    and error as a CompletedProcess. In this process (no interpreter start, no re-import of torch) unless
+    ``subprocess_``: the real console script in its own process (signals, kills, locks, a fresh interpreter)."""
+    if subprocess_:
+        proc = subprocess.run([sys.executable, "-m", "cfx_cli.cli", *args], cwd=cwd or ROOT, capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    else:
+        proc = _in_process(list(args), cwd or ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"cfx {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _in_process(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """``cfx_cli.cli.main(args)`` with what a process would own put back after: the working folder, sys.argv,
+    the environment (--debug sets variables), torch's threads (cfx train threads=N), the root logger's handlers
+    (Hydra sets its own); SystemExit and an uncaught error become the exit status, as Python's own."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    from cfx_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = (os.getcwd(), list(sys.argv), dict(os.environ), torch.get_num_threads(), list(logging.root.handlers),
+             logging.root.level)
+    code = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - as the interpreter: the traceback, exit status 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved[0])
+        sys.argv[:] = saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
+        torch.set_num_threads(saved[3])
+        logging.root.handlers[:] = saved[4]
+        logging.root.setLevel(saved[5])
+    return subprocess.CompletedProcess(["cfx", *args], code, out.getvalue(), err.getvalue())
 
 
 # A job in seconds on a CPU: conf/debug/fast.yaml (4 images, 50 steps, tau 15).

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from cfx_cli import aggregate
+from cfx_cli import tables
+from cfx_cli.commands import aggregate
+from cfx_cli.errors import CfxError
 from conftest import cfx
 
 
@@ -129,11 +131,11 @@ def test_sweep_counts_experiment_params_with_hydras_parser(tmp_path):
     make_sweep(sweep, ["experiment=synthetic_table", "seed=0,1,2", "method.tau=range(10,30,10)"],
                params={"method": "dime,fastdime", "classifier": "synthetic_shape,synthetic_shape_biased",
                        "seed": "0,1"})
-    jobs = aggregate.sweep_jobs(sweep / "multirun.yaml")
+    jobs = tables.sweep_jobs(sweep / "multirun.yaml")
     assert len(jobs) == 2 * 2 * 3 * 2
     assert jobs[0] == "method=dime classifier=synthetic_shape seed=0 method.tau=10"
     assert jobs[-1] == "method=fastdime classifier=synthetic_shape_biased seed=2 method.tau=20"
-    missing = aggregate.missing_sweep_jobs([str(tmp_path)], [])
+    missing = tables.missing_sweep_jobs([str(tmp_path)], [])
     assert [m["error"].split(":")[0] for m in missing] == [f"job {n} of the sweep {sweep}" for n in range(24)]
     assert all(m["state"] == "missing" for m in missing)
 
@@ -141,8 +143,8 @@ def test_sweep_counts_experiment_params_with_hydras_parser(tmp_path):
 def test_sweep_with_other_sweeper_is_not_counted(tmp_path):
     sweep = tmp_path / "sweep"
     make_sweep(sweep, ["method.tau=interval(5,30)"], sweeper="hydra_plugins.optuna.OptunaSweeper")
-    assert aggregate.sweep_jobs(sweep / "multirun.yaml") is None
-    assert aggregate.missing_sweep_jobs([str(sweep)], []) == []
+    assert tables.sweep_jobs(sweep / "multirun.yaml") is None
+    assert tables.missing_sweep_jobs([str(sweep)], []) == []
 
 
 # --------------------------------------------------------------------------- 3: LaTeX
@@ -157,7 +159,7 @@ def test_latex_escapes_specials_and_pm(tmp_path, capsys):
     assert "dime & no\\_mask\\&50\\% & 2 & 0.625 $\\pm$ 0.177 & 0.100 $\\pm$ 0.000" in tex
     assert "±" not in tex
     assert not re.search(r"(?<!\\)[_&%#]", tex.replace(" & ", " ")), "bare LaTeX special outside a command"
-    assert aggregate.latex_escape("a_b {x} ~ ^ \\ $") == (r"a\_b \{x\} \textasciitilde{} \textasciicircum{} "
+    assert tables.latex_escape("a_b {x} ~ ^ \\ $") == (r"a\_b \{x\} \textasciitilde{} \textasciicircum{} "
                                                          r"\textbackslash{} \$")
 
 
@@ -169,7 +171,7 @@ def test_by_unknown_key_is_a_one_line_error(tmp_path, capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err == ("cfx: error: --by nonsense: no job has this config key; keys look like "
                                        "method, classifier, method.variant, dataset.num_images\n")
-    with pytest.raises(aggregate.CfxError):
+    with pytest.raises(CfxError):
         aggregate.aggregate([str(tmp_path), "--by", "nonsense"])
     assert not (tmp_path / "table.csv").exists()
 

@@ -8,7 +8,7 @@ from cfx_cli import ZOO_DIR
 from cfx_cli.api import Explainer
 from cfx_cli.models.explained import zoo_model
 from cfx_cli.outputs import to_uint8
-from cfx_cli.run import job
+from cfx_cli.job.loop import job
 
 OVERRIDES = ["debug=fast", "device=cpu"]
 

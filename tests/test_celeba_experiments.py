@@ -48,7 +48,7 @@ def tiny_adm_overrides():
     ("fastdime_celeba_smile", 2 * 3),        # variant 2+: two passes of τ calls
 ])
 def test_celeba_experiment_end_to_end(tmp_path, compose, files, experiment, per_scale):
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     root, net = files
     cfg = compose([f"experiment={experiment}", f"dataset.root={root / 'celeba'}",

@@ -50,7 +50,7 @@ def test_tuning_is_keyed_on_method_and_generative_model(compose):
 
 
 def test_regressor_alone_switches_the_task(compose):
-    from cfx_cli.run import explained_model
+    from cfx_cli.job.build import explained_model
 
     cfg = compose(["regressor=synthetic_size"])
     assert cfg.classifier is not None  # no need to unset it

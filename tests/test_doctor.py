@@ -1,6 +1,6 @@
 """`cfx doctor`: every file the composed job needs, and whether each part builds, without running it."""
 from cfx_cli import ZOO_DIR
-from cfx_cli.doctor import Check, doctor, report, verdict, walk
+from cfx_cli.commands.doctor import Check, config_checks, doctor, report, verdict, walk
 
 from conftest import cfx
 
@@ -100,3 +100,18 @@ def test_cli_check_alias_exits_1_on_a_problem(capsys, monkeypatch, tmp_path):
     assert "/nonexistent/ddpm" in out
     assert out.strip().splitlines()[-1].startswith("2 problems: diffusion.path, diffusion")
     assert not list(tmp_path.iterdir())  # no job folder, no outputs/
+
+
+def test_doctor_passes_on_the_synthetic_diffae(compose):
+    """DiffAE's `diffusion.weights: ema` names which weights to load, not a file (issue 17)."""
+    cfg = compose(["method=diffae"])
+    checks = doctor(cfg)
+    assert verdict(checks).startswith("ready: "), report(checks, cfg)
+    assert "diffusion.weights" not in by_name(checks)
+
+
+def test_diffae_real_checkpoint_config_names_only_its_files(compose, tmp_path):
+    cfg = compose(["diffusion=diffae_ffhq256", f"diffusion.path={tmp_path / 'last.ckpt'}"])
+    files = {c.name: c for c in config_checks(cfg) if c.group == "file"}
+    assert "diffusion.weights" not in files and not any(c.value == "ema" for c in files.values())
+    assert files["diffusion.path"].ok is False and files["diffusion.path"].detail == "missing"

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import cfx
 from cfx_cli import ZOO_DIR
-from cfx_cli.evaluate import compose, load_pairs, main
+from cfx_cli.commands.evaluate import compose, main
+from cfx_cli.outputs import load_pairs
 from cfx_cli.metrics import realism as R
 from cfx_cli.outputs import JobWriter, read_samples
 from cfx_cli.metrics.summary import summarise
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread 
 def shards(tmp_path_factory, one_thread):
     """Both shards of a finished job, as `cfx run` leaves them (.hydra/config.yaml included)."""
     from cfx_cli.api import compose as run_compose
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     root = tmp_path_factory.mktemp("evaluate")
     folders = []
@@ -181,7 +182,7 @@ def test_the_settings_compose():
 def whole(tmp_path_factory, one_thread):
     """The same 12 images as one job (no shards), as `cfx run` leaves it."""
     from cfx_cli.api import compose as run_compose
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     folder = tmp_path_factory.mktemp("whole") / "job"
     cfg = run_compose([*JOB, "data.num_shards=1"])
@@ -207,7 +208,7 @@ def test_a_job_measures_its_metrics_and_cfx_evaluate_reproduces_them(whole, tmp_
 
 
 def test_a_sharded_run_gets_its_set_level_metrics_from_aggregate_over_all_shards(shards, whole, tmp_path, capsys):
-    from cfx_cli import aggregate
+    from cfx_cli.commands import aggregate
 
     for s in shards:  # a shard measures per-sample metrics only: FID of half the set would be another number
         own = dict(pd.read_csv(s / "metrics.csv").values)
@@ -229,10 +230,10 @@ def test_a_sharded_run_gets_its_set_level_metrics_from_aggregate_over_all_shards
 def test_paper_table_has_sigma_l_across_seeds(whole, tmp_path, capsys):
     """σ_L: per image, LPIPS between the counterfactuals of the two seeds (here in the oracle's features, as the
     synthetic metrics configure it), averaged over the images."""
-    from cfx_cli import aggregate
+    from cfx_cli.commands import aggregate
     from cfx_cli.api import compose as run_compose
     from cfx_cli.metrics.perceptual import build_lpips
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     root = tmp_path / "sweep"
     seed0 = copy(whole, root / "0_method=fastdime,seed=0")  # Hydra's sweep folder names hold ','
@@ -254,7 +255,7 @@ def test_paper_table_has_sigma_l_across_seeds(whole, tmp_path, capsys):
     md = (root / "paper_table.md").read_text()
     assert "σ_L ↑" in md and "FastDiME" in md and f"**{expected:.2f}**" in md  # ≥ 1: two decimals
     # the report of this real synthetic sweep: the same table, every job's grid, the plot
-    from cfx_cli.report import build_page
+    from cfx_cli.commands.report import build_page
 
     page, records = build_page([str(root)], ["method"], samples=4)
     assert len(records) == 2 and "σ_L ↑" in page and f"<b>{expected:.2f}</b>" in page
@@ -274,7 +275,7 @@ def test_fva_fs_over_the_successful_counterfactuals_s3_over_the_correctly_classi
 
 def test_a_metric_whose_weights_are_missing_does_not_fail_the_job(tmp_path, capsys):
     from cfx_cli.api import compose as run_compose
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     cfg = run_compose(["debug=fast", "device=cpu", "dataset.num_images=4", "metrics.evaluate.metrics=[fva,fs,cout]",
                        f"metrics.evaluate.identity.weights={tmp_path / 'resnet50_ft_weight.pkl'}"])
@@ -289,7 +290,7 @@ def test_a_metric_whose_weights_are_missing_does_not_fail_the_job(tmp_path, caps
 def test_a_job_resumed_with_other_end_metrics_is_not_refused(whole, tmp_path):
     """The metrics measured at the end do not make the samples: another list re-measures, it is not another job."""
     from cfx_cli.api import compose as run_compose
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     folder = copy(whole, tmp_path / "job")
     samples = raw(folder / "samples.csv")
@@ -299,7 +300,7 @@ def test_a_job_resumed_with_other_end_metrics_is_not_refused(whole, tmp_path):
 
 
 def test_cfx_evaluate_starts_from_the_jobs_own_settings(whole, tmp_path):
-    from cfx_cli.evaluate import settings
+    from cfx_cli.commands.evaluate import settings
 
     own = settings(whole)  # what the job was measured with: the synthetic oracle's LPIPS, its metric list
     assert own.lpips.net == "oracle" and "cd" in own.metrics and own.batch_size == 6

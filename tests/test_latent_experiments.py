@@ -63,7 +63,7 @@ def files(tmp_path_factory):
 
 
 def run(compose, overrides, job_dir, edit=None):
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     cfg = compose(overrides)
     if edit:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cfx_cli.methods.base import SampleRNG
-from cfx_cli.run import build
+from cfx_cli.job.build import build
 
 BUILT = {}
 

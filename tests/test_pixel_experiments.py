@@ -21,7 +21,7 @@ def status_of(job_dir):
 
 
 def test_ace_celeba_smile_end_to_end(tmp_path, compose, files):  # noqa: F811
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     root, _ = files
     cfg = compose(["experiment=ace_celeba_smile", f"dataset.root={root / 'celeba'}", f"diffusion.path={ADM}",
@@ -68,7 +68,7 @@ def dvce_overrides(tmp):
 
 
 def test_dvce_imagenet_end_to_end(tmp_path, compose, imagenet_files):
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     tmp = imagenet_files
     cfg = compose(["experiment=dvce_imagenet", f"classifier.path={tmp / 'madryft.pt'}", *dvce_overrides(tmp)])

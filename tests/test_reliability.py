@@ -96,7 +96,7 @@ def folder_job(compose, root, *more):
 
 
 def test_unreadable_items_fail_alone_and_the_job_goes_on(tmp_path, compose):
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     root = tmp_path / "data"
     write_folder(root)
@@ -117,8 +117,8 @@ def test_unreadable_items_fail_alone_and_the_job_goes_on(tmp_path, compose):
 
 
 def test_resume_refuses_a_folder_dataset_that_changed(tmp_path, compose):
-    from cfx_cli.cli import _user_error
-    from cfx_cli.run import job
+    from cfx_cli.errors import user_error
+    from cfx_cli.job.loop import job
 
     root = tmp_path / "data"
     write_folder(root)
@@ -130,7 +130,7 @@ def test_resume_refuses_a_folder_dataset_that_changed(tmp_path, compose):
         job(folder_job(compose, root, "dataset.num_images=3"), tmp_path / "job")  # more images: a resume
         raise AssertionError("resumed over a changed dataset")
     except Exception as e:  # noqa: BLE001
-        msg = _user_error(e)
+        msg = user_error(e)
     assert msg and "\n" not in msg and "the dataset changed since" in msg and "a_new_first_image.png" in msg
     after = {p.name: p.read_bytes() for p in (tmp_path / "job").iterdir() if p.is_file()}
     assert after == before  # nothing in the folder changed, status.json included
@@ -194,8 +194,8 @@ def _damaged_copies(tmp_path):
 
 
 def test_damaged_or_misplaced_model_files_are_one_line(tmp_path, compose):
-    from cfx_cli.cli import _user_error
-    from cfx_cli.run import job
+    from cfx_cli.errors import user_error
+    from cfx_cli.job.loop import job
 
     for n, (override, needle) in enumerate(_damaged_copies(tmp_path).items()):
         try:
@@ -204,14 +204,14 @@ def test_damaged_or_misplaced_model_files_are_one_line(tmp_path, compose):
         except AssertionError:
             raise
         except Exception as e:  # noqa: BLE001
-            msg = _user_error(e)
+            msg = user_error(e)
         assert msg and "\n" not in msg and needle in msg, (override, msg)
         assert override.split("=", 1)[1] in msg  # names the file or folder
 
 
 def test_garbage_in_a_job_folder_being_resumed_is_one_line_and_kept(tmp_path, compose):
-    from cfx_cli.cli import _user_error
-    from cfx_cli.run import job
+    from cfx_cli.errors import user_error
+    from cfx_cli.job.loop import job
 
     for name, garbage in (("samples.csv", b"\x00\x01\x02garbage\n\xff\xfe"), ("status.json", b'{"state": "runn')):
         folder = tmp_path / name
@@ -223,7 +223,7 @@ def test_garbage_in_a_job_folder_being_resumed_is_one_line_and_kept(tmp_path, co
         except AssertionError:
             raise
         except Exception as e:  # noqa: BLE001
-            msg = _user_error(e)
+            msg = user_error(e)
         assert msg and "\n" not in msg and f"{name} cannot be read" in msg and str(folder) in msg, msg
         assert (folder / name).read_bytes() == garbage  # kept for the user to look at
 
@@ -231,9 +231,9 @@ def test_garbage_in_a_job_folder_being_resumed_is_one_line_and_kept(tmp_path, co
 def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, compose, monkeypatch):
     import errno
 
-    from cfx_cli.cli import _user_error
+    from cfx_cli.errors import user_error
     from cfx_cli.outputs import JobWriter
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     def full(self, rows, images):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.samples_path))
@@ -245,7 +245,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, compose, monkeypatc
     except AssertionError:
         raise
     except Exception as e:  # noqa: BLE001
-        msg = _user_error(e)
+        msg = user_error(e)
     assert msg and "\n" not in msg and "No space left on device" in msg and str(tmp_path / "job") in msg
     assert state(tmp_path / "job")["state"] == "failed"  # recorded where it could be
 
@@ -253,7 +253,7 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, compose, monkeypatc
 def test_sanity_lines_and_the_class_mapping(tmp_path, compose, capsys):
     """Before explaining: the model's accuracy on the images it is about to explain (a warning near chance);
     the class mapping in classes.json and as names in samples.csv."""
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     root = tmp_path / "data"
     write_folder(root, n=6)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cfx_cli import report
+from cfx_cli.commands import report
 from conftest import ROOT, cfx
 
 ERROR = "counterfactual not finite at step 7 <NaN>"

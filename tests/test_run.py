@@ -20,7 +20,7 @@ def run_dir(tmp_path, name="job"):
 
 
 def test_default_job_writes_the_job_folder(tmp_path):
-    proc = cfx("run", *FAST, run_dir(tmp_path))
+    proc = cfx("run", *FAST, run_dir(tmp_path), subprocess_=True)  # the console entry point, in its own process
     job = tmp_path / "job"
     assert f"job folder: {job}" in proc.stdout and "flip_rate=" in proc.stdout
     status = json.loads((job / "status.json").read_text())
@@ -108,7 +108,7 @@ def test_resume_repairs_a_torn_row_and_refuses_another_config(tmp_path):
 
 def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, monkeypatch):
     from cfx_cli.data.synthetic import SyntheticDataset
-    from cfx_cli.run import job
+    from cfx_cli.job.loop import job
 
     original = SyntheticDataset.batch
 
@@ -185,12 +185,12 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, compose, override, needle):
     """In-process: the error a user sees is one line naming the key, the value and the fix."""
-    from cfx_cli.cli import _user_error
-    from cfx_cli.run import job
+    from cfx_cli.errors import user_error
+    from cfx_cli.job.loop import job
 
     with pytest.raises(Exception) as err:
         job(compose(["debug=fast", "device=cpu", *override.split()]), tmp_path / "job")
-    msg = _user_error(err.value)
+    msg = user_error(err.value)
     assert msg is not None and "\n" not in msg and needle in msg, (msg, err.value)
     assert json.loads((tmp_path / "job" / "status.json").read_text())["state"] == "failed"
 

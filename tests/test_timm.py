@@ -12,7 +12,7 @@ except Exception as e:  # noqa: BLE001 - ImportError, or a torchvision that does
 def test_timm_classifier_from_safetensors(tmp_path, compose):
     from safetensors.torch import save_file
 
-    from cfx_cli.run import build
+    from cfx_cli.job.build import build
 
     torch.manual_seed(0)
     net = timm.create_model("test_convnext", pretrained=False, num_classes=2).eval()

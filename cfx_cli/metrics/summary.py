@@ -1,6 +1,8 @@
 """Set-level metrics from samples.csv rows (one job, or the merged shards of one job)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -64,3 +66,8 @@ def closeness(samples: pd.DataFrame) -> dict[str, float]:
 
 def to_long(metrics: dict[str, float]) -> pd.DataFrame:
     return pd.DataFrame({"metric": list(metrics), "value": list(metrics.values())})
+
+
+def finite(v) -> bool:
+    """A metric's value that is a finite number (None, NaN, inf: no value)."""
+    return v is not None and isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))

@@ -1,7 +1,6 @@
-"""`cfx aggregate`: job folders -> paper-style tables.
+"""Job records -> tables, for `cfx aggregate` and `cfx report`.
 
-Finds every job folder (a folder with ``.hydra/config.yaml`` or ``status.json``)
-under the given paths, reads its config choices and metrics, merges the shards of
+From the records of job folders (``cfx_cli.outputs.job_record``: config choices, metrics), merges the shards of
 one job (same config but ``data.shard``) by recomputing the set-level metrics
 from their samples, groups by the chosen keys (method by default), and reports
 mean ± std over seeds. Missing and failed jobs are listed, never dropped silently:
@@ -11,10 +10,8 @@ configs differ in more than the ``--by`` keys and the seed is flagged.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
-import json
 import re
 import sys
 from pathlib import Path
@@ -25,7 +22,7 @@ import yaml
 
 from cfx_cli.errors import CfxError
 from cfx_cli.metrics.summary import summarise
-from cfx_cli.outputs import flatten_config, read_metrics, read_samples
+from cfx_cli.outputs import Pairs, read_samples
 
 DEFAULT_METRICS = ["flip_rate", "success_rate", "mae_to_target", "mae_to_target_before", "l1", "l2", "mnac",
                    "ideal_cf_l1", "shortcut_reveal_rate", "oracle_flip_rate", "oracle_mae", "nfe_unet", "nfe_unet_backward",
@@ -37,52 +34,6 @@ BOOKKEEPING = {"job", "folders", "state", "error", "metrics", "task"}
 NOT_A_MIX = {"seed", "data.shard", "data.num_shards", "device", "batch_size"}
 # Settings that do not make the counterfactuals (what a job measured at its end), by prefix.
 NOT_A_MIX_PREFIXES = ("hydra.", "hydra/", "metrics.evaluate.")
-
-
-def find_jobs(paths: list[str]) -> list[Path]:
-    jobs = set()
-    for p in map(Path, paths):
-        if not p.exists():
-            raise SystemExit(f"cfx aggregate: error: {p} does not exist")
-        for marker in [p / "status.json", *p.rglob("status.json"), *p.rglob(".hydra/config.yaml")]:
-            if marker.exists():
-                jobs.add(marker.parent.parent if marker.parent.name == ".hydra" else marker.parent)
-    return sorted(jobs)
-
-
-def job_record(job: Path) -> dict:
-    """Config choices and values of one job, its state and its metrics; a folder whose files cannot be
-    read (a truncated status.json, a garbage CSV, broken YAML) is an ``unreadable`` record naming why."""
-    try:
-        return _job_record(job)
-    except Exception as e:  # noqa: BLE001 - any parse error of any file: list the folder, table the rest
-        return {"job": str(job), "state": "unreadable", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
-                "metrics": {}, "task": None, "method": None, "model": None}
-
-
-def _job_record(job: Path) -> dict:
-    rec: dict = {"job": str(job)}
-    cfg_file, hydra_file = job / ".hydra" / "config.yaml", job / ".hydra" / "hydra.yaml"
-    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-    rec.update(flatten_config(cfg or {}))
-    if hydra_file.exists():
-        choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
-        rec.update({k: v for k, v in choices.items() if not k.startswith("hydra/")})
-    if "method" not in rec:
-        rec["method"] = rec.get("method.name")
-    kind = "classifier" if rec.get("regressor") in (None, "null") and "classifier" in rec else "regressor"
-    rec["model"] = rec.get(kind)
-    overrides_file = job / ".hydra" / "overrides.yaml"
-    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else []
-    for o in overrides:  # another file in the group's slot: the table names the file, not the group
-        if isinstance(o, str) and o.lstrip("+").startswith(f"{kind}.path="):
-            rec["model"] = o.split("=", 1)[1]
-    status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {}
-    rec["state"] = status.get("state", "missing")
-    rec["error"] = status.get("error")
-    rec["task"] = status.get("task")
-    rec["metrics"] = read_metrics(job)
-    return rec
 
 
 def job_folders(record: dict) -> list[Path]:
@@ -134,13 +85,14 @@ def merge_shards(records: list[dict]) -> list[dict]:
 def merged_set_level(shards: list[Path]) -> dict[str, float]:
     """FID, sFID, KID, CD of a sharded run over all its shards' samples together (never a mean of shards),
     as its config's ``metrics.evaluate`` asks; a problem is one warning line and no value."""
-    from cfx_cli.evaluate import merged_set_level as compute
+    from cfx_cli.job.build import resolve_device
+    from cfx_cli.metrics.suite import merged_set_level as compute
 
     cfg_file = shards[0] / ".hydra" / "config.yaml"
     if not cfg_file.is_file():
         return {}
-    try:
-        values = compute(shards, yaml.safe_load(cfg_file.read_text()) or {})
+    try:  # measured on whatever this machine has (the job may have run on a GPU that it lacks)
+        values = compute(Pairs(shards), yaml.safe_load(cfg_file.read_text()) or {}, resolve_device("auto"))
     except Exception as e:  # noqa: BLE001 - the table goes on without them
         print(f"cfx aggregate: warning: set-level metrics of the sharded job {shards[0].parent}/... not computed: "
               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
@@ -348,127 +300,6 @@ def to_latex(text: pd.DataFrame, numeric_cols: set[str] = frozenset()) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> pd.DataFrame:
-    """The CLI: exit 1 (with the count on the last line) when some jobs are not in the table, so that a
-    script notices; 2 on a usage error."""
-    try:
-        df = aggregate(argv)
-    except CfxError as e:
-        print(f"cfx: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    if df.attrs.get("not_included"):
-        print(f"cfx aggregate: {df.attrs['not_included']} of {df.attrs['jobs']} job(s) not in the table (listed above)",
-              file=sys.stderr)
-        raise SystemExit(1)
-    return df
-
-
-def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
-    ap = argparse.ArgumentParser(prog="cfx aggregate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="+", help="job folders or folders holding them (e.g. a sweep folder)")
-    ap.add_argument("--by", nargs="+", default=["method"],
-                    help="config keys to group by: choices (method, classifier, regressor, model, dataset, ...) "
-                         "or values (method.variant, target.mode, ...)")
-    ap.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS)
-    ap.add_argument("--out", default=None, help="folder for table.{md,csv,tex} (default: the first path)")
-    ap.add_argument("--table", choices=("default", "paper"), default="default",
-                    help="paper: the papers' layout (FID, sFID, FVA, FS, MNAC, CD, COUT, flip rate; for regression "
-                         "success, MAE, FID, LPIPS; σ_L across seeds), best value bold, into paper_table.{md,csv,tex}")
-    args = ap.parse_args(argv)
-    jobs = find_jobs(args.paths)
-    if not jobs:
-        print(f"cfx aggregate: error: no job folders under {' '.join(args.paths)}", file=sys.stderr)
-        raise SystemExit(2)
-    records = [job_record(j) for j in jobs]
-    check_by(records, args.by)
-    records = merge_shards(records) + missing_sweep_jobs(args.paths, jobs)
-    if args.table == "paper":
-        return paper(args, records)
-    df = table(records, args.by, args.metrics)
-    mixed = mixed_rows(records, args.by)
-    for label, keys in mixed:
-        print(f"cfx aggregate: warning: row {label} mixes jobs that differ in {', '.join(keys)}; add them to --by",
-              file=sys.stderr)
-    text, numeric = render(df)
-    out = Path(args.out or args.paths[0])
-    out.mkdir(parents=True, exist_ok=True)
-    md = text.to_markdown(index=False) if len(text) else "(no finished jobs)"
-    if mixed:
-        md += ("\n\nNote: the ± spread of these rows is not only over seeds: their jobs differ in config keys "
-               "not in --by (add them to --by to split the rows):\n"
-               + "\n".join(f"- {label}: {', '.join(keys)}" for label, keys in mixed))
-    (out / "table.md").write_text(md + "\n")
-    numeric.to_csv(out / "table.csv", index=False)
-    (out / "table.tex").write_text(to_latex(text, set(df.columns) - set(args.by)) if len(text) else "")
-    print(md)
-    problems = list_problems(records)
-    print(f"\nwrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.tex'}")
-    df.attrs["not_included"] = len(problems)
-    df.attrs["jobs"] = len(records)
-    return df
-
-
-def list_problems(records: list[dict]) -> list[dict]:
-    problems = [r for r in records if r["state"] != "done"]
-    if problems:
-        print(f"\n{len(problems)} job(s) not included (missing, failed, incomplete or interrupted):")
-        for r in problems:
-            print(f"  {r['state']:8s} {r['job']}" + (f"  ({r['error']})" if r.get("error") else ""))
-    return problems
-
-
-def paper(args, records: list[dict]) -> pd.DataFrame:
-    """--table paper: one table per task (classification, regression) in the papers' layout."""
-    from cfx_cli import paper_table as P
-
-    out = Path(args.out or args.paths[0])
-    out.mkdir(parents=True, exist_ok=True)
-    md, tex, numeric, frames = [], [], [], []
-    for task, df, text, best, absent in paper_tables(records, args.by):
-        md.append(f"**{task.capitalize()}** (mean ± std over seeds; best in bold)\n\n" + P.to_markdown(text, best)
-                  + (f"\n\nNo job has: {', '.join(absent)}." if absent else ""))
-        tex.append(P.to_latex(text, best))
-        numeric.append(render(df)[1].assign(task=task))
-        frames.append(df)
-    body = "\n\n".join(md) if md else "(no finished jobs)"
-    mixed = mixed_rows(records, args.by)
-    for label, keys in mixed:
-        print(f"cfx aggregate: warning: row {label} mixes jobs that differ in {', '.join(keys)}; add them to --by",
-              file=sys.stderr)
-    if mixed:
-        body += ("\n\nNote: the ± spread of these rows is not only over seeds: their jobs differ in config keys "
-                 "not in --by: " + "; ".join(f"{label}: {', '.join(keys)}" for label, keys in mixed))
-    (out / "paper_table.md").write_text(body + "\n")
-    (out / "paper_table.tex").write_text("\n".join(tex))
-    (pd.concat(numeric) if numeric else pd.DataFrame()).to_csv(out / "paper_table.csv", index=False)
-    print(body)
-    problems = list_problems(records)
-    print(f"\nwrote {out / 'paper_table.md'}, {out / 'paper_table.csv'}, {out / 'paper_table.tex'}")
-    df = pd.concat(frames) if frames else pd.DataFrame()
-    df.attrs["not_included"] = len(problems)
-    df.attrs["jobs"] = len(records)
-    return df
-
-
-def paper_tables(records: list[dict], by: list[str]) -> list[tuple]:
-    """(task, numeric frame, text table, {column: best rows}, metrics no job has) per task with finished jobs,
-    in the papers' layout (σ_L included where jobs differ only in their seed)."""
-    from cfx_cli import paper_table as P
-
-    out = []
-    for task, layout in P.LAYOUT.items():
-        rs = [r for r in records if r["state"] == "done" and (r.get("task") or "classification") == task]
-        if not rs:
-            continue
-        df = table(rs, by, [c.metric for c in layout])
-        sigma = sigma_l(rs, by)
-        if sigma:
-            df["sigma_l"] = [sigma.get(tuple(str(row[k]) for k in by), (np.nan, np.nan, 0, row["n_jobs"]))
-                             for _, row in df.iterrows()]
-        out.append((task, df, *P.paper_table(df, by, task)))
-    return out
-
-
 def sigma_l(records: list[dict], by: list[str]) -> dict[tuple, tuple]:
     """σ_L per table row: the mean pairwise LPIPS between the counterfactuals of one image made by jobs
     that differ only in their seed (DiME's diversity), over the images they share. A row whose jobs
@@ -491,11 +322,12 @@ def sigma_l(records: list[dict], by: list[str]) -> dict[tuple, tuple]:
 
 
 def _sigma_l_of(jobs: list[list[Path]]) -> float | None:
-    from cfx_cli.evaluate import sigma_l as compute
+    from cfx_cli.job.build import resolve_device
+    from cfx_cli.metrics.suite import sigma_l as compute
 
     try:
         cfg = yaml.safe_load((jobs[0][0] / ".hydra" / "config.yaml").read_text()) or {}
-        return compute(jobs, cfg)
+        return compute([Pairs(j) for j in jobs], cfg, resolve_device("auto"))
     except Exception as e:  # noqa: BLE001 - the table goes on without it
         print(f"cfx aggregate: warning: σ_L of {jobs[0][0]} and its other seeds not computed: "
               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

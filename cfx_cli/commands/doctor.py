@@ -2,15 +2,14 @@
 whether it is there, and whether each part builds — before a cluster job fails an hour in.
 
 ``doctor(cfg)`` returns a list of :class:`Check`; ``report(checks)`` prints them. Parts are built one at a
-time, as :func:`cfx_cli.run.build` builds them, so that one failing part does not hide the others; a part
-that needs one that failed is shown as not checked. Nothing is generated: the explained model, the
+time by the job's own builder (:class:`cfx_cli.job.build.JobParts`), so that one failing part does not hide
+the others; a part that needs one that failed is shown as not checked. Nothing is generated: the explained model, the
 objective and the factor oracle see one image. Parts are built on the CPU unless ``device`` names one
 (``device=auto`` only reports what the job would use). Every loader reads safetensors or ``weights_only``
 files: nothing here unpickles code.
 """
 from __future__ import annotations
 
-import inspect
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cfx_cli.config import hydra_app
+from cfx_cli.errors import CfxError, user_error
+from cfx_cli.job.build import (JobParts, NeedsFailedPart, check_settings, resolve_device, shard_indices,
+                               target_parameters)
 
 # Keys whose string values name a file or folder the job reads.
 PATH_KEYS = ("path", "root", "weights")
@@ -74,9 +78,7 @@ def missing_message(key: str) -> str:
 
 def why(exc: BaseException) -> str:
     """The one-line reason: the user-facing line of a CfxError / missing value, else type and first line."""
-    from cfx_cli.cli import _user_error
-
-    msg = _user_error(exc)
+    msg = user_error(exc)
     if msg is None:
         first = (str(exc).strip().splitlines() or [""])[0]
         msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -93,11 +95,29 @@ def _size(path: Path) -> str:
     return ""
 
 
+def word_settings(node, prefix: str = "") -> set[str]:
+    """The keys of ``_target_`` nodes whose callable takes a word there by default (a DiffAE's
+    ``weights: ema``): settings, not files, whatever their name."""
+    found = set()
+    if isinstance(node, DictConfig):
+        params = target_parameters(node)
+        for key in node.keys():
+            full = f"{prefix}.{key}" if prefix else str(key)
+            if key in params and isinstance(params[key].default, str):
+                found.add(full)
+            elif not OmegaConf.is_missing(node, key) and OmegaConf.is_config(node._get_node(key)):
+                found |= word_settings(node._get_node(key), full)
+    return found
+
+
 def config_checks(cfg: DictConfig) -> list[Check]:
     """File rows (path-like keys) and ``???`` / unresolvable values anywhere in the config."""
     checks = []
+    words = word_settings(cfg)
     for key, value in walk(cfg):
         leaf = key.rsplit(".", 1)[-1]
+        if key in words:
+            continue
         if isinstance(value, Exception):
             checks.append(Check(key, False, why(value), group="config"))
         elif value == MISSING:
@@ -142,37 +162,25 @@ def summary(cfg: DictConfig) -> str:
 
 
 def doctor(cfg: DictConfig, device: str | torch.device | None = None) -> list[Check]:
-    """Every check of the job ``cfg`` would run: device, files, then each part built on its own.
+    """Every check of the job ``cfg`` would run: device, files, then each part as the job builder
+    (:class:`cfx_cli.job.build.JobParts`) builds it, one at a time, and what each did on one image.
 
     ``device``: where to build the parts; None: the CPU for ``device=auto``, else the device asked for.
     """
-    from hydra.utils import get_class, instantiate
-
-    from cfx_cli.errors import CfxError
-    from cfx_cli.metrics.sample import OracleMetrics
-    from cfx_cli.models.counting import CostMeter, Counted
-    from cfx_cli.objectives import build_objective
-    from cfx_cli.run import (PART_ROLES, build_sampler, check_resolution, explained_model, instantiate_method,
-                             resolve_device, shard_indices)
-
     checks: list[Check] = []
-    failed: set[str] = set()  # parts that did not build
 
-    def part(name: str, fn, needs: tuple[str, ...] = ()):
-        """Run ``fn() -> (value, detail)``; record ok / its error; None when it failed or was skipped."""
-        lost = [n for n in needs if n in failed]
-        if lost:
-            checks.append(Check(name, None, f"not checked: needs the {', '.join(lost)} (see above)"))
-            failed.add(name)
-            return None
+    def check(name: str, fn) -> None:
+        """Run ``fn() -> detail`` (it builds a part through ``parts``); record ok, its error, or not checked
+        (a part it needs failed to build)."""
         try:
-            value, detail = fn()
+            detail = fn()
+        except NeedsFailedPart as e:
+            checks.append(Check(name, None, f"not checked: needs the {e} (see above)"))
+            return
         except Exception as e:  # noqa: BLE001 — report it and go on with the other parts
             checks.append(Check(name, False, why(e)))
-            failed.add(name)
-            return None
+            return
         checks.append(Check(name, True, detail))
-        return value
 
     # -- device: what the job would use; parts are built on the CPU unless a device is asked for
     asked = str(cfg.get("device", "auto"))
@@ -187,160 +195,113 @@ def doctor(cfg: DictConfig, device: str | torch.device | None = None) -> list[Ch
         checks.append(Check("device", False, why(e) + f" (parts built on {build_device})", group="device"))
 
     checks.extend(config_checks(cfg))
+    parts = JobParts(cfg, build_device)
+    first: dict = {}  # the first image, and the explained model's output on it
 
-    meter = CostMeter()
-    x = None  # one image for the explained model, the objective and the oracle
-
-    # -- dataset
     def _dataset():
-        dataset = instantiate(cfg.dataset)
+        dataset = parts.dataset
         n = len(dataset)
         if n == 0:
             raise CfxError(f"the dataset has no images (dataset.num_images={cfg.dataset.get('num_images')}): "
                            f"ask for at least one")
-        batch = dataset.batch([0])
-        shape = tuple(batch["x"].shape[1:])
-        return (dataset, batch), f"{n} images, {shape[0]}×{shape[1]}×{shape[2]} (first image loads)"
+        first["batch"] = dataset.batch([0])
+        shape = tuple(first["batch"]["x"].shape[1:])
+        return f"{n} images, {shape[0]}×{shape[1]}×{shape[2]} (first image loads)"
 
-    got = part("dataset", _dataset)
-    dataset, batch = got if got is not None else (None, None)
-    if batch is not None:
-        x = batch["x"].to(build_device)
+    check("dataset", _dataset)
 
-    # -- job settings: batch size and shard (cheap; they fail a job at its start)
-    def _job():
-        bs = int(cfg.batch_size)
-        if bs < 1:
-            raise CfxError(f"batch_size={cfg.batch_size} must be at least 1")
-        n = len(dataset) if dataset is not None else 0
-        idx = shard_indices(n, int(cfg.data.shard), int(cfg.data.num_shards))
+    def _job():  # the job's own settings (cheap; they fail a job at its start)
+        bs = check_settings(cfg)
         shard = f"shard {cfg.data.shard} of {cfg.data.num_shards}"
-        if dataset is None:
-            return None, f"batch_size={bs}, {shard}"
+        if "batch" not in first:
+            shard_indices(0, int(cfg.data.shard), int(cfg.data.num_shards))
+            return f"batch_size={bs}, {shard}"
+        idx = shard_indices(len(parts.dataset), int(cfg.data.shard), int(cfg.data.num_shards))
         nb = -(-len(idx) // bs)
-        return None, f"{len(idx)} images in {shard}, {nb} batch{'es' if nb != 1 else ''} of {bs}"
+        return f"{len(idx)} images in {shard}, {nb} batch{'es' if nb != 1 else ''} of {bs}"
 
-    part("job", _job)
-
-    # -- explained model, on one image
-    model_key = "regressor" if cfg.get("regressor") else "classifier"
-    model_out = {}
+    check("job", _job)
 
     def _model():
-        model, _ = explained_model(cfg)
-        model = model.to(build_device).eval()
-        img = x
-        where = "the first image"
-        if img is None:
+        model = parts.model.eval()
+        if "batch" in first:
+            img, where = first["batch"]["x"].to(build_device), "the first image"
+        else:
             size = cfg.dataset.get("image_size") if isinstance(cfg.get("dataset"), DictConfig) else None
             size = int(size) if isinstance(size, int) else 32
             img = torch.zeros(1, 3, size, size, device=build_device)
             where = f"a blank {size}×{size} image (the dataset did not load)"
         with torch.no_grad():
-            out = model(img)
-        model_out["out"] = out
+            first["out"] = out = model(img)
         shape = "×".join(map(str, out.shape[1:]))
         head = f" ({model.head})" if model.task == "classification" else ""
         outputs = f"{shape} outputs{head}" if shape else f"value {out.flatten()[0].item():.3g}"
-        return Counted(model, meter, "model"), f"{model.task}, {outputs} on {where}; {_params(model)}"
+        return f"{model.task}, {outputs} on {where}; {_params(model)}"
 
-    model = part(model_key, _model)
+    check(parts.model_key, _model)
 
-    # -- objective (target), on the model's output for that image
-    def _objective():
-        objective = build_objective(model, OmegaConf.to_container(cfg.target, resolve=True),
-                                    query=getattr(dataset, "query_index", None))
-        out = model_out["out"]
-        labels = batch.get("label") if batch is not None else None
+    def _objective():  # the target, on the model's output for that image
+        objective, out = parts.objective, first["out"]
+        labels = first["batch"].get("label") if "batch" in first else None
         pred, target = objective.prediction(out), objective.target(out, labels)
         p, t = pred.flatten()[0].item(), target.flatten()[0].item()
-        fmt = (lambda v: f"{v:.3g}") if model.task == "regression" else (lambda v: f"{int(v)}")
-        return objective, f"mode={cfg.target.mode}: prediction {fmt(p)} -> target {fmt(t)} on that image"
+        fmt = (lambda v: f"{v:.3g}") if parts.model.task == "regression" else (lambda v: f"{int(v)}")
+        return f"mode={cfg.target.mode}: prediction {fmt(p)} -> target {fmt(t)} on that image"
 
-    objective = part("target", _objective, needs=(model_key,))
+    check("target", _objective)
 
-    # -- diffusion model
     def _diffusion():
-        gen = instantiate(cfg.diffusion).to(build_device)
+        gen = parts.generative.module
         size = getattr(gen, "image_size", None)
         steps = getattr(getattr(gen, "schedule", None), "num_timesteps", None)
         facts = [f"{size}×{size} images" if size else "resolution unknown"]
         if steps:
             facts.append(f"T={steps}")
         facts.append(_params(gen))
-        return gen, ", ".join(facts)
+        return ", ".join(facts)
 
-    generative = part("diffusion", _diffusion)
-
-    # -- the dataset's resolution against the diffusion model's (build's own check)
-    if dataset is not None and generative is not None:
+    check("diffusion", _diffusion)
+    if "dataset" in parts.built and "diffusion" in parts.built:  # the dataset's resolution against the model's
         try:
-            size = check_resolution(dataset, generative)
+            size = parts.match_dataset()
             if size:
                 checks.append(Check("image size", True, f"dataset and diffusion model both {size}×{size}"))
         except CfxError as e:
             checks.append(Check("image size", False, str(e)))
-            failed.add("image size")
-    if generative is not None:
-        generative = Counted(generative, meter, "unet")
 
-    # -- sampler
     def _sampler():
-        sampler = build_sampler(cfg, generative)
-        full = generative.schedule.num_timesteps
-        return sampler, f"{type(sampler).__name__}, {sampler.num_steps} of {full} steps"
+        sampler = parts.sampler
+        return f"{type(sampler).__name__}, {sampler.num_steps} of {parts.generative.schedule.num_timesteps} steps"
 
-    sampler = part("sampler", _sampler, needs=("diffusion",))
-
-    # -- robust model (only when the config names one)
-    robust = None
-    if cfg.get("robust_model"):
-        def _robust():
-            m = instantiate(cfg.robust_model).to(build_device)
-            return Counted(m, meter, "robust_model"), _params(m)
-
-        robust = part("robust_model", _robust)
-
-    # -- method: needs the parts its constructor names
-    needs: tuple[str, ...] = ()
-    try:
-        params = inspect.signature(get_class(cfg.method._target_).__init__).parameters
-        role_part = {"sampler": "sampler", "generative": "diffusion", "model": model_key, "objective": "target",
-                     "robust_model": "robust_model"}
-        needs = tuple(role_part[r] for r in PART_ROLES if r in params and role_part[r] in failed)
-    except Exception:  # noqa: BLE001 — instantiate_method reports a bad _target_ itself
-        pass
+    check("sampler", _sampler)
+    if cfg.get("robust_model"):  # only when the config names one
+        check("robust_model", lambda: _params(parts.robust_model))
 
     def _method():
-        parts = {"sampler": sampler, "generative": generative, "model": model, "robust_model": robust,
-                 "objective": objective}
-        method = instantiate_method(cfg.method, parts)
+        method = parts.method
         facts = [type(method).__name__]
         tau = cfg.method.get("tau")
-        if tau is not None and sampler is not None:
-            facts.append(f"{tau} guided steps of {sampler.num_steps}")
+        if tau is not None and "sampler" in parts.built:
+            facts.append(f"{tau} guided steps of {parts.sampler.num_steps}")
         if getattr(method, "perceptual", None) is not None:
             facts.append("VGG perceptual term loaded")
-        return method, ", ".join(facts)
+        return ", ".join(facts)
 
-    part("method", _method, needs=needs)
+    check("method", _method)
 
     # -- metrics: the factor oracle, read on one image
     oracle_cfg = cfg.metrics.get("oracle") if isinstance(cfg.get("metrics"), DictConfig) else None
     if oracle_cfg:
-        if dataset is not None and not getattr(dataset, "has_factors", False):
+        if "dataset" in parts.built and not getattr(parts.dataset, "has_factors", False):
             checks.append(Check("metrics.oracle", None,
                                 f"not used: dataset={_choice(cfg, 'dataset')} has no known factors"))
         else:
             def _oracle():
-                net = instantiate(cfg.metrics.oracle).to(build_device)
-                if dataset is None:
-                    return None, f"loaded, {_params(net)} (not run: the dataset did not load)"
-                metrics = OracleMetrics(net, dataset.world, size_tol=cfg.metrics.size_tol, pos_tol=cfg.metrics.pos_tol)
-                read = metrics.read(x)
-                return metrics, f"reads {len(read)} factors of the first image; {_params(net)}"
+                oracle = parts.oracle
+                return f"reads {len(oracle.read(first['batch']['x'].to(build_device)))} factors of the first image; " \
+                       f"{_params(oracle.oracle)}"
 
-            part("metrics.oracle", _oracle)
+            check("metrics.oracle", _oracle)
     return checks
 
 
@@ -397,8 +358,6 @@ def report(checks: list[Check], cfg: DictConfig | None = None) -> str:
 def main(args: list[str]) -> None:
     """``cfx doctor [overrides...]``: the Hydra app of ``cfx run`` (same config, same overrides, ``--cfg job``,
     ``-m``), but no job folder is made; exit 0 when every check passes, 1 otherwise."""
-    from cfx_cli.cli import _hydra
-
     results: list[bool] = []
 
     def task(cfg):
@@ -419,5 +378,5 @@ def main(args: list[str]) -> None:
         # so that the user's own hydra.run.dir=... wins
         first = next((i for i, a in enumerate(args) if not a.startswith("-") and ("=" in a or a.startswith("~"))),
                      0)
-        _hydra("cfx doctor", "config", [*args[:first], *ours, *args[first:]], task)
+        hydra_app("cfx doctor", "config", [*args[:first], *ours, *args[first:]], task)
     sys.exit(0 if all(results) else 1)

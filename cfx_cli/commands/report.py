@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cfx_cli.aggregate import (BOOKKEEPING, DEFAULT_METRICS, check_by, find_jobs, job_folders, job_record, merge_shards,
-                               missing_sweep_jobs, mixed_rows, render, table)
-from cfx_cli.errors import CfxError
-from cfx_cli.outputs import read_samples
+from cfx_cli.errors import CfxError, one_line_errors
+from cfx_cli.outputs import find_jobs, job_record, read_samples
+from cfx_cli.paper_table import paper_tables
+from cfx_cli.tables import (BOOKKEEPING, DEFAULT_METRICS, check_by, job_folders, merge_shards, missing_sweep_jobs,
+                            mixed_rows, render, table)
 
 # Image rows of a grid, in this order; any other folder under images/ follows them.
 KINDS = ("original", "counterfactual", "diff", "pre_explanation", "mask", "reconstruction", "heatmap")
@@ -258,8 +259,6 @@ def _table_html(text: pd.DataFrame, records: list[dict], by: list[str]) -> str:
 
 def _paper_html(records: list[dict], by: list[str]) -> str:
     """The papers' layout (`cfx aggregate --table paper`): their metrics, ↑/↓, the best in bold."""
-    from cfx_cli.aggregate import paper_tables
-
     parts = []
     for task, _, text, best, absent in paper_tables(records, by):
         head = "".join(f"<th{'' if i == 0 else ' class=n'}>{_e(c)}</th>" for i, c in enumerate(text.columns))
@@ -591,11 +590,8 @@ def report(argv: list[str] | None = None) -> tuple[Path, list[dict]]:
 
 def main(argv: list[str] | None = None) -> None:
     """The CLI: 0 when every job is in the table; 1 (page written) when some are not; 2 on a usage error."""
-    try:
+    with one_line_errors():
         out, records = report(argv)
-    except CfxError as e:
-        print(f"cfx: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
     bad = [r for r in records if r["state"] != "done"]
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB, {len(records)} job(s))")

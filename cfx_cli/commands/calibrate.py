@@ -1,7 +1,7 @@
 """`cfx calibrate`: the smallest guidance strength that reaches a target flip (or success) rate on a
-few images, instead of tuning by hand. Each candidate runs the job's own code (``cfx_cli.api``) on the
-same images with the same seed; the first (smallest) value that reaches the rate is printed as the
-override to use.
+few images, instead of tuning by hand. Each candidate runs the job's own code (``cfx_cli.api``: the job
+builder's parts, the job's batch) on the same images with the same seed; the first (smallest) value that
+reaches the rate is printed as the override to use.
 
     cfx calibrate diffusion=diffusers_ddpm diffusion.path=... --values 10 30 100 300 --rate 0.8
 """
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from cfx_cli.api import Explainer, compose
+from cfx_cli.errors import CfxError, one_line_errors
 
 # The key that sets each method's guidance strength.
 STRENGTH = {"dime": "method.scales", "fastdime": "method.scales", "dvce": "method.lambda_c", "ace": "method.step"}
@@ -22,9 +25,6 @@ def calibrate(overrides: list[str], values: list[float], rate: float, images: in
               device: str = "auto") -> str | None:
     """Try ``values`` from the smallest; returns the first override reaching ``rate`` (or None), printing a
     line per value (rate, mean l1, UNet calls per image)."""
-    from cfx_cli.api import Explainer, compose
-    from cfx_cli.errors import CfxError
-
     method = compose(overrides).method.name
     key = key or STRENGTH.get(method)
     if key is None:
@@ -51,16 +51,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--key", default=None, help="the method key to set (default: the method's strength key)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    from cfx_cli.cli import _user_error
-
-    try:
+    with one_line_errors():
         chosen = calibrate(args.overrides, args.values, args.rate, args.images, args.key, args.device)
-    except Exception as e:  # noqa: BLE001
-        msg = _user_error(e)
-        if msg is None:
-            raise
-        print(f"cfx: error: {msg}", file=sys.stderr)
-        raise SystemExit(2)
     if chosen is None:
         print(f"cfx calibrate: no value reached rate {args.rate}: try larger values", file=sys.stderr)
         raise SystemExit(1)
