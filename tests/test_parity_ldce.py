@@ -3,8 +3,9 @@ and noise give the same counterfactual, intermediate states, success and call co
 
 Fixtures (tests/fixtures/parity/ldce/, how they were made: ldce_official.json):
 ``consensus.safetensors`` (``guidance=projected``, ``cone_projection_type=zero_binning``: the consensus
-guidance of every published config) and ``no_consensus.safetensors`` (the classifier score unprojected, the
-paper's ablation). Each holds the official run's inputs (images in [0, 1], targets), the classifier's
+guidance of the published ImageNet configs), ``no_consensus.safetensors`` (the classifier score
+unprojected, the paper's ablation) and ``free.safetensors`` (``guidance=free``, what the published
+CelebA-HQ config runs: plain classifier-free guidance; cfx's ``method.free_guidance=true``). Each holds the official run's inputs (images in [0, 1], targets), the classifier's
 weights, every random draw in order (``noise.NNN.randn``), the encoded latent, the noised latent, per step
 the latent after the step, ε_u, ε_c, the guided ε, the decoded clean estimate and (consensus) the kept
 positions, the counterfactual in [0, 1], its logits and success.
@@ -75,7 +76,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def explain(compose, checkpoint, ref, consensus: bool, set_alpha_to_one: bool = False):
+def explain(compose, checkpoint, ref, variant: str, set_alpha_to_one: bool = False):
     """cfx's LDCE built as `cfx run` builds it, replaying the official run's noise."""
     try:  # the job builder (cfx_cli.job.build; cfx_cli.run before the command layer's split)
         from cfx_cli.job.build import build
@@ -86,7 +87,8 @@ def explain(compose, checkpoint, ref, consensus: bool, set_alpha_to_one: bool = 
                    f"sampler.steps=ldm{SETTINGS['ddim_steps']}", f"method.strength={SETTINGS['strength']}",
                    f"method.lambda_c={SETTINGS['classifier_lambda']}", f"method.lambda_d={SETTINGS['dist_lambda']}",
                    f"method.angle={SETTINGS['deg_cone_projection']}", f"method.scale={SETTINGS['scale']}",
-                   f"method.consensus={str(consensus).lower()}",
+                   f"method.consensus={str(variant == 'consensus').lower()}",
+                   f"method.free_guidance={str(variant == 'free').lower()}",
                    f"method.set_alpha_to_one={str(set_alpha_to_one).lower()}"])
     with open_dict(cfg):
         cfg.diffusion.unet_config, cfg.diffusion.vq_config = dict(TINY_UNET), dict(SMALL_VQ)
@@ -117,10 +119,10 @@ def explain(compose, checkpoint, ref, consensus: bool, set_alpha_to_one: bool = 
     return result, steps, cost, success
 
 
-@pytest.mark.parametrize("variant", ["consensus", "no_consensus"])
+@pytest.mark.parametrize("variant", ["consensus", "no_consensus", "free"])
 def test_ldce_equals_the_official_code(compose, checkpoint, variant):
     ref = load(variant)
-    result, steps, cost, success = explain(compose, checkpoint, ref, variant == "consensus")
+    result, steps, cost, success = explain(compose, checkpoint, ref, variant)
     t_enc = INFO["results"][variant]["t_enc"]
     assert len(steps) == t_enc
     close = dict(rtol=1e-4, atol=1e-5)
@@ -133,13 +135,22 @@ def test_ldce_equals_the_official_code(compose, checkpoint, variant):
     if variant == "consensus":  # the share of latent positions whose classifier score was kept, per sample
         kept = ref["consensus_mask"].flatten(2).mean(2).mean(0)
         torch.testing.assert_close(result.info["consensus_kept"], kept, rtol=0, atol=1e-6)
-    else:
+    elif variant == "no_consensus":
         assert torch.equal(result.info["consensus_kept"], torch.ones(3))
     # Calls per sample. UNet: one batched call on [z, z] per step (ε_u, ε_c: 2 evaluations), two backward
     # passes through it (distance, classifier); decoder: one differentiable decode per step (two backward
     # passes) and the final decode; classifier: one forward and one backward per step (the official run's
     # judgement of the counterfactual is outside the method, as cfx's runner's).
     official = INFO["results"][variant]["cost"]
+    if variant == "free":  # plain classifier-free guidance: one batched UNet call a step, no gradient; the
+        # official code also decodes x̂_0 at every step and discards it (t_enc more decoder calls), cfx does not
+        assert official["unet"]["forward_per_sample"] == 2 * t_enc and official["unet"]["backward_per_sample"] == 0
+        assert official["decoder"]["forward_per_sample"] == t_enc + 1
+        assert official["classifier"]["forward_per_sample_in_method"] == 0
+        assert torch.equal(cost["unet"]["forward"], torch.full((3,), 2 * t_enc)) and not cost["unet"]["backward"].any()
+        assert torch.equal(cost["decoder"]["forward"], torch.ones(3, dtype=torch.long))
+        assert "model" not in cost or not cost["model"]["forward"].any()
+        return
     expected = {("unet", "forward"): official["unet"]["forward_per_sample"],
                 ("unet", "backward"): official["unet"]["backward_per_sample"],
                 ("decoder", "forward"): official["decoder"]["forward_per_sample"],
@@ -157,6 +168,6 @@ def test_ldce_default_last_step_differs_from_the_official_code(compose, checkpoi
     """cfx's default DDIM ends at ᾱ = 1 (the clean latent); the official code (LDM's DDIMSampler) ends at ᾱ of
     timestep 0 = 1 − β_0: the steps before the last agree, the last one does not."""
     ref = load("consensus")
-    _, steps, _, _ = explain(compose, checkpoint, ref, True, set_alpha_to_one=True)
+    _, steps, _, _ = explain(compose, checkpoint, ref, "consensus", set_alpha_to_one=True)
     torch.testing.assert_close(steps[-2][2], ref["z_steps"][-2], rtol=1e-4, atol=1e-5)
     assert (steps[-1][2] - ref["z_steps"][-1]).abs().max() > 1e-2

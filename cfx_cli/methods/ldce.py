@@ -20,7 +20,10 @@ indexing); cfx does the same. Its DDIM (LDM's) ends at ᾱ of training timestep 
 ``set_alpha_to_one=false`` does the same (the paper reproductions' setting; cfx's default ends at the
 clean latent). With it, cfx equals the public code (lmb-freiburg/ldce) to float32 rounding on a tiny
 class-conditional LDM, consensus on and off: latents, guided ε, counterfactual, success and call counts
-(tests/test_parity_ldce.py). Cost per step: 2 UNet evaluations per sample (ε_u, ε_c), two backward
+(tests/test_parity_ldce.py). ``free_guidance=true`` is what the public CelebA-HQ config runs
+(``guidance: free``): ε̃ = ε_u + s (ε_c − ε_u), plain classifier-free guidance toward the target's
+condition, without the classifier, the distance or consensus (the public code still decodes x̂_0 at
+each step and discards it; cfx does not). Cost per step: 2 UNet evaluations per sample (ε_u, ε_c), two backward
 passes through them (classifier and distance gradients), one decoder pass.
 """
 from __future__ import annotations
@@ -59,7 +62,7 @@ class LDCE:
     name = "ldce"
 
     def __init__(self, sampler, model, objective, strength=0.382, lambda_c=2.3, lambda_d=0.3, consensus=True,
-                 angle=45.0, scale=3.0, classifier_loss="ce", set_alpha_to_one=True):
+                 angle=45.0, scale=3.0, classifier_loss="ce", set_alpha_to_one=True, free_guidance=False):
         if getattr(sampler, "kind", None) != "ddim":
             raise CfxError(f"method=ldce runs deterministic DDIM with guidance in epsilon-space: use sampler=ddim "
                            f"(got sampler={getattr(sampler, 'kind', '?')})")
@@ -80,7 +83,7 @@ class LDCE:
         self.sampler, self.model, self.objective = sampler, model, objective
         self.lambda_c, self.lambda_d, self.scale = float(lambda_c), float(lambda_d), float(scale)
         self.consensus, self.angle, self.classifier_loss = bool(consensus), float(angle), classifier_loss
-        self.set_alpha_to_one = bool(set_alpha_to_one)
+        self.set_alpha_to_one, self.free_guidance = bool(set_alpha_to_one), bool(free_guidance)
 
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
@@ -109,6 +112,10 @@ class LDCE:
         """ε̃ at grid index t, and the share of latent positions whose classifier score was kept."""
         gen, n = self.sampler.model, len(z)
         null = torch.full_like(target.long(), int(gen.null_condition))
+        if self.free_guidance:  # the public CelebA-HQ config's guidance=free: no classifier, no distance
+            both = self.sampler.network(torch.cat([z, z]), t, torch.cat([null, target.long()]))
+            eps_u, eps_c = both[:n], both[n:]
+            return eps_u + self.scale * (eps_c - eps_u), torch.full((n,), float("nan"), device=z.device)
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             both = self.sampler.network(torch.cat([z, z]), t, torch.cat([null, target.long()]))
