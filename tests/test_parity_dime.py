@@ -71,9 +71,11 @@ def parts(fx, meta, tmp_path):
     vgg = vgg_weights()
     assert hashlib.sha256(b"".join(vgg[k].numpy().tobytes() for k in sorted(vgg))).hexdigest() == meta["vgg"]["sha256"]
     save_file(vgg, str(tmp_path / "vgg.safetensors"))
+    adm_file = ROOT / "adm" / "tiny_adm_celeba_format.pt"
+    assert hashlib.sha256(adm_file.read_bytes()).hexdigest() == meta["adm"]["sha256"]  # the UNet the official code ran
     flags = json.loads((ROOT / "adm" / "tiny_adm_flags.json").read_text())
     flags = {k: v for k, v in flags.items() if k not in ("timestep_respacing", "diffusion_steps", "noise_schedule")}
-    adm = load_adm(ROOT / "adm" / "tiny_adm_celeba_format.pt", diffusion_steps=500, noise_schedule="linear", **flags)
+    adm = load_adm(adm_file, diffusion_steps=500, noise_schedule="linear", **flags)
     net = SmallClassifier()
     net.load_state_dict({k[len("classifier."):]: v for k, v in fx.items() if k.startswith("classifier.")})
     meter = CostMeter()
