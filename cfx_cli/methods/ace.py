@@ -7,6 +7,9 @@ its stopping rule, AC-RE (Ha & Bender 2025).
             ℓ ← L(f(F_τ(x′)), y*)                     (AC-RE: a sample stops once f(F_τ(x′)) reaches y*)
             g ← ∇_{x′} [ ℓ + λ_1 ‖x′ − x‖_1 + λ_2 ‖x′ − x‖_2 ]       ([0, 1] pixel units, as the public code)
             x′ ← clip_{[0,1] ∩ ε-ball}(x′ − η sign g)
+    (ℓ per sample; ``loss_reduction=mean``: ℓ / batch, the public code's batch mean. AC-RE's stop keeps the x′
+    that reached y*; ``stop_after_step``: the public code's order, that iteration's step still taken.
+    With sign steps λ_1 acts per pixel as a threshold: a pixel leaves x only where |∂ℓ/∂x′| > λ_1.)
     M ← dilate_k(normalise(Σ_c |x − x′|)) > threshold
     refinement (RePaint):  z ← q_sample(x′, τ − 1)
         for t = τ−1 … 0:  z ← M z + (1 − M) q_sample(x, t);  z ← step(z, t)
