@@ -5,6 +5,7 @@ ADM of tests/fixtures/adm and a small random CNN, every random draw recorded. cf
 and replays the draws (NoiseBank) with the public-code switches, and must give the same pre-explanation
 after every PGD step, mask, counterfactual, success decisions and UNet / model call counts.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def generative():
 
 def load(name, role="classifier"):
     meta = json.loads((PARITY / f"{name}.json").read_text())
+    # the weights the official code ran
+    assert hashlib.sha256((ADM / "tiny_adm_celeba_format.pt").read_bytes()).hexdigest() == meta["models"]["unet_sha256"]
     t = load_file(str(PARITY / f"{name}.safetensors"))
     noise = [t[k] for k in sorted(k for k in t if k.startswith("noise."))]
     net = SmallNet()
