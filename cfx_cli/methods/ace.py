@@ -73,7 +73,7 @@ class ACE:
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
         pe, iterations, reached = self.pre_explanation(x, target, rng)
-        mask = difference_mask(pe, x, self.mask_dilation, self.mask_threshold)
+        mask = difference_mask(pe, x, self.mask_dilation, self.mask_threshold, inclusive=True)
         x_cf = self.refine(pe, x, mask, rng)
         pe_success = self.objective.success(self.model(pe), target)
         info = {"pgd_iterations": iterations.float(), "success_pre_explanation": pe_success.float()}

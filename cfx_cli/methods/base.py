@@ -118,8 +118,9 @@ def check_dilation(dilation: int) -> None:
         raise CfxError(f"method.mask_dilation={dilation} must be odd (a centred k×k window), e.g. 5")
 
 
-def difference_mask(x_a: Tensor, x_b: Tensor, dilation: int, threshold: float) -> Tensor:
-    """m = dilate_k(normalise(Σ_c |x_a − x_b|)) > threshold, per sample (FastDiME, ACE).
+def difference_mask(x_a: Tensor, x_b: Tensor, dilation: int, threshold: float, inclusive: bool = False) -> Tensor:
+    """m = dilate_k(normalise(Σ_c |x_a − x_b|)) > threshold, per sample (FastDiME); ``inclusive``: ≥ threshold
+    (ACE's public code keeps the pixels at the threshold too; the two differ only at exact ties).
 
     Normalising divides by the per-image maximum, as the public FastDiME / ACE code does.
     """
@@ -128,4 +129,4 @@ def difference_mask(x_a: Tensor, x_b: Tensor, dilation: int, threshold: float) -
     d = d / d.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
     if dilation > 1:
         d = F.max_pool2d(d, dilation, stride=1, padding=dilation // 2)
-    return (d > threshold).to(x_a.dtype)
+    return ((d >= threshold) if inclusive else (d > threshold)).to(x_a.dtype)

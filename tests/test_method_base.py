@@ -1,4 +1,5 @@
-"""The noise-source hook: a SampleRNG replays a recorded bank of whole-batch draws, row by row."""
+"""What every method shares (methods/base.py): the noise-source hook (a SampleRNG replaying a recorded bank
+of whole-batch draws, row by row) and the difference mask."""
 import pytest
 import torch
 
@@ -28,3 +29,11 @@ def test_without_a_bank_each_sample_draws_from_its_own_seeded_generator():
     g = torch.Generator().manual_seed((7 * 1_000_003 + 3 * 7_919 + 12_345) % (2**63 - 1))
     expected = torch.randn(5, generator=g)
     assert torch.equal(SampleRNG(7, [9, 3]).randn((5,))[1], expected)
+
+
+def test_ace_mask_keeps_pixels_at_the_threshold_fastdime_mask_does_not():
+    from cfx_cli.methods.base import difference_mask
+    x = torch.zeros(1, 1, 1, 3)
+    cf = torch.tensor([[[[0.0, 0.5, 1.0]]]])  # normalised differences 0, 0.5, 1
+    assert difference_mask(cf, x, 1, 0.5).flatten().tolist() == [0.0, 0.0, 1.0]
+    assert difference_mask(cf, x, 1, 0.5, inclusive=True).flatten().tolist() == [0.0, 1.0, 1.0]
