@@ -51,6 +51,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--key", default=None, help="the method key to set (default: the method's strength key)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    if not 0 < args.rate <= 1:
+        ap.error(f"--rate {args.rate}: a flip rate is a fraction in (0, 1]; give e.g. --rate 0.8")
+    if args.images < 1:
+        ap.error(f"--images {args.images}: give at least 1 image")
     with one_line_errors():
         chosen = calibrate(args.overrides, args.values, args.rate, args.images, args.key, args.device)
     if chosen is None:
