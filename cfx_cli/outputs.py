@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from cfx_cli.errors import CfxError
@@ -208,16 +208,19 @@ class JobWriter:
         _atomic_write_bytes(self.dir / "metrics.csv", lambda p: to_long(metrics).to_csv(p, index=False))
 
     def write_grid(self, max_rows: int = 8):
-        """original | counterfactual | diff for the first samples, 4× enlarged for a human eye."""
+        """original | counterfactual | diff for the first samples, 4× enlarged for a human eye; each row
+        labelled on its left with its classes (label -> target) and its outcome (real / adversarial / failed)."""
         if not self.samples_path.exists():
             return None
-        tiles = []
-        for idx in read_samples(self.dir).sort_values("index")["index"].astype(int):
+        tiles, labels = [], []
+        for _, row in read_samples(self.dir).sort_values("index").iterrows():
+            idx = int(row["index"])
             paths = [self.dir / "images" / k / f"{idx}.png" for k in IMAGE_KINDS]
             if not all(p.exists() for p in paths):  # an unreadable item has no images
                 continue
             imgs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
             tiles.append(np.concatenate(imgs, axis=1))
+            labels.append(grid_label(row))
             if len(tiles) == max_rows:
                 break
         if not tiles:
@@ -226,8 +229,29 @@ class JobWriter:
         h, w = grid.shape[:2]
         scale = max(1, 256 // max(1, imgs[0].shape[0]))
         img = Image.fromarray(grid).resize((w * scale, h * scale), Image.NEAREST)
-        _atomic_write_bytes(self.dir / "grid.png", lambda p: img.save(p, format="PNG"))
+        margin = 170
+        canvas = Image.new("RGB", (img.width + margin, img.height), "white")
+        canvas.paste(img, (margin, 0))
+        draw, row_h = ImageDraw.Draw(canvas), img.height // len(tiles)
+        for i, text in enumerate(labels):
+            draw.multiline_text((6, i * row_h + 6), text, fill="black")
+        _atomic_write_bytes(self.dir / "grid.png", lambda p: canvas.save(p, format="PNG"))
         return self.dir / "grid.png"
+
+
+def grid_label(row) -> str:
+    """A grid row's label: index, label -> target (class names where known) and the outcome."""
+    def name(col):
+        v = row.get(f"{col}_name")
+        if isinstance(v, str) and v:
+            return v
+        v = row.get(col)
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    outcome = row.get("outcome")
+    if not isinstance(outcome, str) or not outcome:  # a job made before outcomes were written
+        outcome = "success" if str(row.get("success")) == "True" else "failed"
+    return f"#{int(row['index'])}  {name('label')} -> {name('target')}\n{outcome} (got {name('cf_pred')})"
 
 
 def _cell(v):

@@ -21,7 +21,7 @@ from cfx_cli.job.build import JobParts, check_settings, fit_defaults, resolve_de
 from cfx_cli.job.explain import explain_batch
 from cfx_cli.metrics import suite
 from cfx_cli.metrics.cost import PeakMemory
-from cfx_cli.metrics.sample import distances
+from cfx_cli.metrics.sample import distances, outcomes
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.outputs import JobLock, JobWriter, Pairs, diff_image, flatten_config, read_samples
 
@@ -357,12 +357,15 @@ def load_batch(dataset, chunk: list[int]):
             dataset.batch([i])
             good.append(i)
         except UnreadableItem as e:
-            bad.append({"index": i, "id": e.item, "success": False, "failed": True, "error": e.reason})
+            bad.append({"index": i, "id": e.item, "success": False, "failed": True, "outcome": "failed",
+                        "error": e.reason})
     return (dataset.batch(good) if good else None), bad
 
 
 def _rows(batch, pred, target, cf_pred, success, result, failed, dist, oracle_vals, cost, seconds, peak_mib, task):
     rows = []
+    ok = success.numpy().astype(bool) & ~failed.numpy().astype(bool)
+    outcome = outcomes(ok, None if oracle_vals is None else oracle_vals["oracle_flip"])
     for i, index in enumerate(batch["index"]):
         row = {"index": index, "id": batch["id"][i],
                "label": batch["label"][i].item() if task == "classification" else batch["value"][i].item(),
@@ -371,6 +374,7 @@ def _rows(batch, pred, target, cf_pred, success, result, failed, dist, oracle_va
                "l1": dist["l1"][i], "l2": dist["l2"][i]}
         for k, v in (oracle_vals or {}).items():
             row[k] = v[i]
+        row["outcome"] = outcome[i]
         for k, v in result.info.items():
             row[k] = v[i].item()
         row.update({k: int(v[i]) for k, v in cost.items()})
@@ -388,7 +392,7 @@ def _name(classes: list[str], index) -> str:
 
 
 def headline(metrics: dict[str, float]) -> str:
-    keys = ["flip_rate", "success_rate", "mae_to_target", "l1", "mnac", "ideal_cf_l1", "shortcut_reveal_rate",
+    keys = ["flip_rate", "success_rate", "real_flip_rate", "adversarial_rate", "mae_to_target", "l1", "mnac", "ideal_cf_l1", "shortcut_reveal_rate",
             "nfe_unet", "seconds_per_cf", "num_failed"]
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics and not np.isnan(metrics[k]))
 

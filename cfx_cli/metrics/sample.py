@@ -14,6 +14,11 @@ On the synthetic benchmark a factor oracle reads every factor of both images:
 - ``ideal_cf_l1``: l1 to the ideal counterfactual, rendered from the same
   factors with only the target factor changed;
 - ``oracle_error`` (regression): |oracle's size reading of x_cf − target| (its mean: ``oracle_mae``).
+
+Each sample's ``outcome`` (:func:`outcomes`): where an oracle reads the counterfactual, **real** (the
+model flipped, or reached its regression target, and the oracle confirms: the image now *is* the target
+class / size within the tolerance), **adversarial** (the model is fooled, the oracle is not) or **failed**;
+with no oracle, **success** or **failed**.
 """
 from __future__ import annotations
 
@@ -24,6 +29,21 @@ from torch import Tensor
 from cfx_cli.data.synthetic import ALL_SHAPES
 
 DISCRETE = ("shape", "obj_colour", "bg_colour")
+
+
+OUTCOMES = ("real", "adversarial", "failed")
+
+
+def outcomes(success, oracle_flip=None) -> np.ndarray:
+    """Per sample: real | adversarial | failed where the oracle's confirmation ``oracle_flip`` is known
+    (NaN: not known), success | failed without it."""
+    success = np.asarray(success, dtype=bool)
+    out = np.where(success, "success", "failed").astype(object)
+    if oracle_flip is not None:
+        confirmed = np.asarray(oracle_flip, dtype=float)
+        known = np.isfinite(confirmed)
+        out[known & success] = np.where(confirmed[known & success] > 0.5, "real", "adversarial")
+    return out
 
 
 def distances(x: Tensor, x_cf: Tensor) -> dict[str, np.ndarray]:

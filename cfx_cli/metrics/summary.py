@@ -32,6 +32,7 @@ def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
     for col in ("success_pre_explanation", "success_final"):  # ACE: both of its images judged
         if col in samples and n:
             res[f"{rate}_{col.removeprefix('success_')}"] = float(samples[col].astype(float).where(~failed, 0.0).mean())
+    res.update(outcome_rates(samples, success))
     if task == "regression" and len(ok):
         res["mae_to_target"] = float((ok["cf_pred"] - ok["target"]).abs().mean())
         res["mae_to_target_before"] = float((ok["pred"] - ok["target"]).abs().mean())
@@ -46,6 +47,24 @@ def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
         if col in samples and samples[col].notna().any():
             res[name] = float(samples[col].astype(float).max())
     return res
+
+
+def outcome_rates(samples: pd.DataFrame, success: pd.Series | None = None) -> dict[str, float]:
+    """Where the oracle read every counterfactual (``oracle_flip``): ``real_flip_rate`` (the model flipped
+    and the oracle confirms; regression: the target reached, the oracle's size within the tolerance) and
+    ``adversarial_rate`` (the model flipped, the oracle does not agree), over all samples; none without it."""
+    if "oracle_flip" not in samples or not len(samples):
+        return {}
+    if success is None:
+        failed = samples["failed"].astype(str) == "True" if "failed" in samples else False
+        success = (samples["success"].astype(str) == "True") & ~failed
+    confirmed = pd.to_numeric(samples["oracle_flip"], errors="coerce")
+    flipped = success.astype(float) > 0.5
+    known = confirmed.notna() | ~flipped  # an unsuccessful sample is failed with or without the oracle
+    if not known.all():
+        return {}
+    return {"real_flip_rate": float((flipped & (confirmed > 0.5)).mean()),
+            "adversarial_rate": float((flipped & ~(confirmed > 0.5)).mean())}
 
 
 def closeness(samples: pd.DataFrame) -> dict[str, float]:
