@@ -20,7 +20,13 @@ def load_state_dict(path: str | Path, key: str = "weights", source: str = "") ->
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a pickle (or anything else) under a .safetensors name
+            head = path.read_bytes()[:2] if path.is_file() else b""
+            what = "a pickle (torch.save) file" if head[:1] == b"\x80" or head == b"PK" else "not a safetensors file"
+            raise CfxError(f"{key}={path} is {what} named .safetensors ({type(e).__name__}): re-save it with "
+                           f"safetensors.torch.save_file, or point {key} at a valid .safetensors file") from None
     if path.suffix == ".ckpt":  # Lightning: trainer objects beside the weights, read as inert stand-ins
         from cfx_cli.models.lightning import read_state_dict
 

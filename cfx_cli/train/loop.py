@@ -61,7 +61,12 @@ class Trainer:
         self.start = 0
         self.identity = json.loads(json.dumps(identity, default=str)) if identity else None
         if self.state_file.exists():
-            state = torch.load(self.state_file, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(self.state_file, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - weights_only refuses any pickle that is not plain tensors
+                raise CfxError(f"work_dir={self.work_dir}: {self.state_file.name} is not a cfx training checkpoint "
+                               f"({type(e).__name__}; cfx never unpickles other objects): delete it to start over, "
+                               f"or give another work_dir") from None
             was = json.loads(state["identity"]) if state.get("identity") else None
             if self.identity and was and was != self.identity:
                 diff = ", ".join(f"{k}={was.get(k)!r}" for k in sorted(set(was) | set(self.identity))

@@ -130,9 +130,25 @@ def train_on_folder(cfg: DictConfig, out: str) -> dict:
     return info
 
 
+def check_counts(cfg: DictConfig) -> None:
+    """Counts (steps, batch sizes, ...) are whole numbers of at least 1: ``trainable.steps=abc`` or ``=-5`` is
+    one line naming the key, not a traceback from deep in the loop."""
+    for key in ("trainable.steps", "trainable.ae_steps", "trainable.batch_size", "threads", "eval_images"):
+        v = OmegaConf.select(cfg, key, default=None)
+        if v is None or (key == "threads" and v in (0, "0")):
+            continue
+        try:
+            n = int(str(v)) if not isinstance(v, bool) else None
+        except ValueError:
+            n = None
+        if n is None or n < 1:
+            raise CfxError(f"{key}={v!r} is not a whole number of at least 1: give e.g. {key}=100")
+
+
 def train(cfg: DictConfig) -> dict:
     t = cfg.trainable
     check_device(cfg)
+    check_counts(cfg)
     out = output_folder(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
