@@ -31,8 +31,12 @@ class Column:
 CLASSIFICATION = (Column("fid", "FID", False), Column("sfid", "sFID", False), Column("fva", "FVA", True, True),
                   Column("fs", "FS", True), Column("mnac_successful", "MNAC", False), Column("cd", "CD", False),
                   Column("cout", "COUT", True), Column("flip_rate", "Flip rate", True, True),
+                  Column("real_flip_rate", "Real flips", True, True), Column("adversarial_rate", "Adversarial", False, True),
                   Column("sigma_l", "σ_L", True))
-REGRESSION = (Column("success_rate", "Success", True, True), Column("mae_to_target", "MAE", False),
+# Real flips / Adversarial (where an oracle reads the counterfactuals, the synthetic benchmark): the model's
+# flip confirmed by the oracle, or not (the classifier fooled, the image not changed into the target).
+REGRESSION = (Column("success_rate", "Success", True, True), Column("real_flip_rate", "Real", True, True),
+              Column("adversarial_rate", "Adversarial", False, True), Column("mae_to_target", "MAE", False),
               Column("oracle_mae", "Oracle MAE", False),
               Column("fid", "FID", False), Column("lpips", "LPIPS", False), Column("sigma_l", "σ_L", True))
 LAYOUT = {"classification": CLASSIFICATION, "regression": REGRESSION}
