@@ -37,3 +37,23 @@ def test_ace_mask_keeps_pixels_at_the_threshold_fastdime_mask_does_not():
     cf = torch.tensor([[[[0.0, 0.5, 1.0]]]])  # normalised differences 0, 0.5, 1
     assert difference_mask(cf, x, 1, 0.5).flatten().tolist() == [0.0, 0.0, 1.0]
     assert difference_mask(cf, x, 1, 0.5, inclusive=True).flatten().tolist() == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("path", ["dime.DiME", "fastdime.FastDiME", "ace.ACE", "dvce.DVCE", "ldce.LDCE",
+                                  "diffae_cf.DiffAECounterfactual", "diffae_cf.DiffAERE"])
+def test_each_method_states_its_sampler_and_one_check_refuses_another(path):
+    from types import SimpleNamespace
+
+    from cfx_cli.errors import CfxError
+    from cfx_cli.methods.base import check_sampler
+
+    module, name = path.split(".")
+    cls = getattr(__import__(f"cfx_cli.methods.{module}", fromlist=[name]), name)
+    need = cls.sampler_kind
+    other = {"ddpm": "ddim", "ddim": "ddpm"}[need]
+    check_sampler(cls, SimpleNamespace(kind=need, stochastic=False, eta=0.0))
+    with pytest.raises(CfxError, match=f"method={cls.name} .*: use sampler={need}.*got sampler={other}"):
+        check_sampler(cls, SimpleNamespace(kind=other, stochastic=True, eta=1.0))
+    if getattr(cls, "sampler_deterministic", False):  # Diff-AE renders with η = 0
+        with pytest.raises(CfxError, match="use sampler=ddim sampler.eta=0 .got sampler=ddim sampler.eta=0.5"):
+            check_sampler(cls, SimpleNamespace(kind="ddim", stochastic=True, eta=0.5))

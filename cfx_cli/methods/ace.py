@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cfx_cli.errors import CfxError
-from cfx_cli.methods.base import CFResult, check_dilation, difference_mask
+from cfx_cli.methods.base import CFResult, check_dilation, check_sampler, difference_mask
 from cfx_cli.methods.guidance import check_finite
 
 SUCCESS_ON = ("final", "pre_explanation")
@@ -34,13 +34,12 @@ LOSS_REDUCTIONS = ("sum", "mean")
 
 class ACE:
     name = "ace"
+    sampler_kind, sampler_why = "ddpm", "filters with stochastic DDPM steps"
 
     def __init__(self, sampler, model, objective, tau=5, iterations=50, step=1.0, epsilon=255.0, lambda_l1=0.001,
                  lambda_l2=0.0, mask_dilation=15, mask_threshold=0.15, classifier_loss="ce", early_stop=None,
                  success_on="final", loss_reduction="sum", stop_after_step=False):
-        if getattr(sampler, "kind", None) != "ddpm":
-            raise CfxError(f"method=ace filters with stochastic DDPM steps: use sampler=ddpm "
-                           f"(got sampler={getattr(sampler, 'kind', '?')})")
+        check_sampler(self, sampler)
         if not 0 < int(tau) <= sampler.num_steps:
             raise CfxError(f"method.tau={tau} must lie in 1..{sampler.num_steps} (the sampler's respaced steps, "
                            f"sampler.steps); the paper uses 5 of 50")

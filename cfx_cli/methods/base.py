@@ -106,6 +106,18 @@ class NoiseBank:
         return len(self.draws) - self.used
 
 
+def check_sampler(method, sampler) -> None:
+    """The one check of the sampler a method runs on. Each method class states what it needs:
+    ``sampler_kind`` ("ddpm" | "ddim"), ``sampler_why`` (what it does with the step, for the error) and
+    ``sampler_deterministic`` (DDIM with η = 0)."""
+    kind, need = getattr(sampler, "kind", None), method.sampler_kind
+    deterministic = getattr(method, "sampler_deterministic", False)
+    if kind != need or (deterministic and getattr(sampler, "stochastic", False)):
+        fix = f"sampler={need}" + (" sampler.eta=0" if deterministic else "")
+        got = f"sampler={kind or '?'}" + (f" sampler.eta={sampler.eta}" if deterministic and kind == need else "")
+        raise CfxError(f"method={method.name} {method.sampler_why}: use {fix} (got {got})")
+
+
 def _as_indices(rows: Tensor) -> list[int]:
     rows = torch.as_tensor(rows)
     if rows.dtype == torch.bool:

@@ -35,12 +35,14 @@ from torch import Tensor
 
 from cfx_cli.diffusion.sampler import DDIMSampler, respaced
 from cfx_cli.errors import CfxError
-from cfx_cli.methods.base import CFResult
+from cfx_cli.methods.base import CFResult, check_sampler
 from cfx_cli.methods.guidance import check_finite
 
 
 class DiffAECounterfactual:
     name = "diffae"
+    sampler_kind, sampler_why = "ddim", "renders with deterministic DDIM"
+    sampler_deterministic = True
 
     def __init__(self, sampler, model, objective, lr=0.002, iterations=199, lambda_z=0.0, inversion_steps="ddim20",
                  classifier_loss="ce", batch_mean_loss: bool = False):
@@ -48,8 +50,7 @@ class DiffAECounterfactual:
         if not hasattr(gen, "semantic"):
             raise CfxError(f"method={name} optimises a Diffusion Autoencoder's semantic code: use "
                            f"diffusion=synthetic_diffae or diffusion=diffae_ffhq256")
-        if getattr(sampler, "kind", None) != "ddim" or sampler.stochastic:
-            raise CfxError(f"method={name} renders with deterministic DDIM: use sampler=ddim sampler.eta=0")
+        check_sampler(self, sampler)
         check_finite(lr=lr, lambda_z=lambda_z)
         if float(lr) <= 0 or int(iterations) < 1:
             raise CfxError(f"method.lr={lr} and method.iterations={iterations} must be positive")

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import torch
 
-from cfx_cli.methods.guidance import (check_common, check_finite, guided_mean, loss_gradient, retry_scales,
-                                      start_level)
+from cfx_cli.methods.base import check_sampler
+from cfx_cli.methods.guidance import check_common, check_finite, guided_mean, loss_gradient, retry_scales, start_level
 from cfx_cli.models.perceptual import perceptual_loss
 
 
 class DiME:
     name = "dime"
+    sampler_kind, sampler_why = "ddpm", "guides the DDPM posterior mean (μ − Σ g)"
+    rescale_sqrt_alpha = True  # the guidance gradient is divided by √ᾱ_t
 
     def __init__(self, sampler, model, objective, tau=60, scales=(8.0, 10.0, 15.0), lambda_l1=0.05,
                  lambda_perc=30.0, perceptual_weights=None, classifier_loss="logit", public_code_offset=True):
-        check_common(sampler, tau, scales, "dime")
+        check_sampler(self, sampler)
+        check_common(sampler, tau, scales)
         check_finite(lambda_l1=lambda_l1, lambda_perc=lambda_perc)
         self.sampler, self.model, self.objective = sampler, model, objective
         self.tau, self.scales = int(tau), [float(s) for s in scales]
@@ -37,9 +40,11 @@ class DiME:
 
     @torch.no_grad()
     def explain(self, x, target, rng):
+        """Noise x once, then each scale in turn on the images not flipped yet, all from that noisy image
+        (FastDiME shares this loop; its ``counterfactual`` is one or two masked passes)."""
         z_tau = self.sampler.q_sample(x, self.start, rng.randn(x.shape[1:]))
         return retry_scales(self.scales, x, target, rng,
-                            lambda rows, s, sub: (self.counterfactual(x[rows], target[rows], z_tau[rows], s, sub), {}),
+                            lambda rows, s, sub: self.counterfactual(x[rows], target[rows], z_tau[rows], s, sub),
                             lambda cf, y: self.objective.success(self.model(cf), y))
 
     def counterfactual(self, x, y, z, scale, rng):
@@ -50,17 +55,12 @@ class DiME:
             z = self.sampler.step(out, t, rng.randn(x.shape[1:]) if t > 0 else None, mean=guided_mean(out, g))
             if t > 0:
                 x_hat = self.sampler.denoise(z, t - 1, -1, rng)
-        return z
+        return z, {}
 
     def gradient(self, x_hat, x, z, y, t, scale):
-        return dime_gradient(self, x_hat, x, z, y, t, scale, rescale_sqrt_alpha=True)
-
-
-def dime_gradient(m, x_hat, x, z, y, t, scale, rescale_sqrt_alpha):
-    """DiME's guidance gradient, shared with FastDiME (which skips the rescaling by default):
-    [s ∇L_c + λ_p ∇perc] at x̂ [/ √ᾱ_t], plus λ_1 ∇_z ‖z − x‖_1."""
-    perc = None if m.perceptual is None else (lambda xh: m.lambda_perc * m.perceptual.to(x)(xh, x).sum())
-    g = loss_gradient(m.model, m.objective, x_hat, y, scale, m.classifier_loss, extra=perc)
-    if rescale_sqrt_alpha:
-        g = g / m.sampler.alpha_bar(t, g).sqrt()
-    return g + m.lambda_l1 * torch.sign(z - x)
+        """[s ∇L_c + λ_p ∇perc] at x̂ [/ √ᾱ_t], plus λ_1 ∇_z ‖z − x‖_1."""
+        perc = None if self.perceptual is None else (lambda xh: self.lambda_perc * self.perceptual.to(x)(xh, x).sum())
+        g = loss_gradient(self.model, self.objective, x_hat, y, scale, self.classifier_loss, extra=perc)
+        if self.rescale_sqrt_alpha:
+            g = g / self.sampler.alpha_bar(t, g).sqrt()
+        return g + self.lambda_l1 * torch.sign(z - x)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from cfx_cli.errors import CfxError
 from cfx_cli.methods.augment import dvce_augment
-from cfx_cli.methods.base import CFResult
+from cfx_cli.methods.base import CFResult, check_sampler
 from cfx_cli.methods.guidance import check_finite, guided_mean
 
 INSIDE = ("explained", "robust")
@@ -61,13 +61,12 @@ def cone_projection(g: Tensor, g_robust: Tensor, angle_deg: float, inside: str =
 
 class DVCE:
     name = "dvce"
+    sampler_kind, sampler_why = "ddpm", "guides the DDPM posterior mean (μ + Σ g)"
 
     def __init__(self, sampler, model, objective, robust_model=None, start=99, lambda_c=0.1, lambda_d=0.15,
                  cone_angle=30.0, cone_inside="explained", augmentations=16, augment_size=None,
                  augment_translate=(0.1, 0.1), clip_denoised=False, classifier_loss="ce", batched_vjp=False):
-        if getattr(sampler, "kind", None) != "ddpm":
-            raise CfxError(f"method=dvce guides the DDPM posterior mean (μ + Σ g): use sampler=ddpm "
-                           f"(got sampler={getattr(sampler, 'kind', '?')})")
+        check_sampler(self, sampler)
         sampler.check_level(int(start), "method.start")
         check_finite(lambda_c=lambda_c, lambda_d=lambda_d)
         if cone_angle is not None:

@@ -29,14 +29,15 @@ import torch
 
 from cfx_cli.errors import CfxError
 from cfx_cli.methods.base import check_dilation, difference_mask
-from cfx_cli.methods.dime import dime_gradient
-from cfx_cli.methods.guidance import check_common, check_finite, guided_mean, retry_scales, start_level
-from cfx_cli.models.perceptual import perceptual_loss
+from cfx_cli.methods.dime import DiME
+from cfx_cli.methods.guidance import check_finite, guided_mean
 
 VARIANTS = ("mask", "nomask", "2", "2+")
 
 
-class FastDiME:
+class FastDiME(DiME):
+    """DiME's outer loop (``explain``: noise once, the scales in turn) and its gradient; another
+    ``counterfactual``: masked passes with the one-step clean estimate."""
     name = "fastdime"
 
     def __init__(self, sampler, model, objective, variant="mask", tau=60, scales=(8.0, 10.0, 15.0), lambda_l1=0.05,
@@ -46,8 +47,10 @@ class FastDiME:
         variant = str(variant)
         if variant not in VARIANTS:
             raise CfxError(f"method.variant={variant!r} is unknown; use one of {list(VARIANTS)}")
-        check_common(sampler, tau, scales, "fastdime")
-        check_finite(lambda_l1=lambda_l1, lambda_perc=lambda_perc, mask_threshold=mask_threshold)
+        super().__init__(sampler, model, objective, tau=tau, scales=scales, lambda_l1=lambda_l1,
+                         lambda_perc=lambda_perc, perceptual_weights=perceptual_weights,
+                         classifier_loss=classifier_loss, public_code_offset=public_code_offset)
+        check_finite(mask_threshold=mask_threshold)
         mask_start = int(tau) // 2 if mask_start is None else int(mask_start)  # the paper's step 30 of 60
         if variant in ("mask", "2+") and not 0 <= mask_start < int(tau):
             # otherwise the self-optimised mask would silently never switch on (the variant would be nomask)
@@ -55,26 +58,14 @@ class FastDiME:
                            f"steps); the paper masks from step 30 of 60, e.g. method.mask_start={int(tau) // 2}")
         if variant != "nomask":
             check_dilation(mask_dilation)
-        self.sampler, self.model, self.objective = sampler, model, objective
-        self.variant, self.tau, self.scales = variant, int(tau), [float(s) for s in scales]
-        self.lambda_l1, self.lambda_perc = float(lambda_l1), float(lambda_perc)
-        self.perceptual = perceptual_loss(self.lambda_perc, perceptual_weights)
-        self.rescale_sqrt_alpha, self.classifier_loss = bool(rescale_sqrt_alpha), classifier_loss
+        self.variant, self.rescale_sqrt_alpha = variant, bool(rescale_sqrt_alpha)
         self.mask_start, self.mask_dilation, self.mask_threshold = mask_start, int(mask_dilation), float(mask_threshold)
         # The public code keeps the unmasked region at noise level t (one above z_{t−1}'s); t − 1 matches z_{t−1}.
         self.public_mask_noise = bool(public_mask_noise)
         # The public code takes the gradient at the previous step's x̂ (x at the first step); false: this step's.
         self.public_x_hat_lag = bool(public_x_hat_lag)
-        self.start = start_level(self.tau, public_code_offset, sampler.num_steps)
 
-    @torch.no_grad()
-    def explain(self, x, target, rng):
-        z_tau = self.sampler.q_sample(x, self.start, rng.randn(x.shape[1:]))
-        return retry_scales(self.scales, x, target, rng,
-                            lambda rows, s, sub: self.passes(x[rows], target[rows], z_tau[rows], s, sub),
-                            lambda cf, y: self.objective.success(self.model(cf), y))
-
-    def passes(self, x, y, z, scale, rng):
+    def counterfactual(self, x, y, z, scale, rng):
         cf, mask = self.guided_pass(x, y, z, scale, rng, self_mask=self.variant in ("mask", "2+"))
         if self.variant in ("2", "2+"):
             mask = difference_mask(cf, x, self.mask_dilation, self.mask_threshold)
@@ -97,6 +88,3 @@ class FastDiME:
                 z = self.sampler.blend(z, x, mask, level if t > 0 else -1, rng.randn(x.shape[1:]) if t > 0 else None)
             x_prev = x_hat
         return z, mask
-
-    def gradient(self, x_hat, x, z, y, t, scale):
-        return dime_gradient(self, x_hat, x, z, y, t, scale, self.rescale_sqrt_alpha)

@@ -5,7 +5,7 @@
   with g the gradient of a loss to minimise);
 - :func:`retry_scales`   DiME's schedule of guidance scales: each scale re-runs only the images
   not flipped yet, all from the same noisy start;
-- :func:`check_common`   the checks every guided method makes of its config.
+- :func:`check_common`   the checks of τ and the scales that DiME and FastDiME make of their config.
 """
 from __future__ import annotations
 
@@ -63,10 +63,7 @@ def retry_scales(scales, x: Tensor, target: Tensor, rng: SampleRNG, counterfactu
     return CFResult(x_cf=x_cf, extras=extras, info={"scale": scale_used})
 
 
-def check_common(sampler, tau: int, scales, method: str, needs: str = "ddpm") -> None:
-    if needs and getattr(sampler, "kind", None) != needs:
-        raise CfxError(f"method={method} guides the {needs.upper()} posterior mean (μ − Σ g): use sampler={needs} "
-                       f"(got sampler={getattr(sampler, 'kind', '?')})")
+def check_common(sampler, tau: int, scales) -> None:
     if not 0 < int(tau) <= sampler.num_steps:
         raise CfxError(f"method.tau={tau} must lie in 1..{sampler.num_steps} (the sampler's respaced steps, "
                        f"sampler.steps); lower method.tau or raise sampler.steps")

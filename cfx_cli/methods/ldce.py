@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from cfx_cli.errors import CfxError
-from cfx_cli.methods.base import CFResult
+from cfx_cli.methods.base import CFResult, check_sampler
 from cfx_cli.methods.guidance import check_finite
 
 
@@ -60,12 +60,11 @@ def rescale(v: Tensor, to: Tensor) -> Tensor:
 
 class LDCE:
     name = "ldce"
+    sampler_kind, sampler_why = "ddim", "runs deterministic DDIM with guidance in epsilon-space"
 
     def __init__(self, sampler, model, objective, strength=0.382, lambda_c=2.3, lambda_d=0.3, consensus=True,
                  angle=45.0, scale=3.0, classifier_loss="ce", set_alpha_to_one=True, free_guidance=False):
-        if getattr(sampler, "kind", None) != "ddim":
-            raise CfxError(f"method=ldce runs deterministic DDIM with guidance in epsilon-space: use sampler=ddim "
-                           f"(got sampler={getattr(sampler, 'kind', '?')})")
+        check_sampler(self, sampler)
         generative = sampler.model
         if getattr(generative, "null_condition", None) is None:
             raise CfxError("method=ldce needs a conditional latent diffusion model with a null condition "
