@@ -8,7 +8,8 @@ std over seeds, one row per value of the --by keys, method by default); per row,
 for each of its job folders, a grid of originals / counterfactuals / difference heat-maps (and masks,
 pre-explanations, reconstructions, heat-maps where the method writes them) for the first N samples, each
 column labelled with its index, label -> target and whether it succeeded; the failed and unsuccessful
-samples; a quality-vs-cost plot (flip or success rate against seconds and UNet calls per counterfactual);
+samples; a quality-vs-cost plot (the real-flip rate where an oracle confirms the flips, else the flip or success
+rate, against seconds and UNet calls per counterfactual); ✓ real / ⚠ adversarial / ✗ failed per sample;
 and the jobs that are not in the table (missing, failed, unreadable). Every image is embedded (base64
 PNG) and the style is inline: the file works offline, alone, in any browser.
 
@@ -177,9 +178,50 @@ def _column_head(row: dict) -> str:
         err = _text(row.get("error"))
         title = f' title="{_e(err)}"' if err else ""
         return head + f'<div class="st fail"{title}>failed</div>'
-    if _truthy(row.get("success")):
+    outcome = sample_outcome(row)
+    if outcome == "real":
+        return head + '<div class="st ok" title="the classifier flipped and the oracle confirms">✓ real</div>'
+    if outcome == "adversarial":
+        return head + (f'<div class="st adv" title="the classifier says {_e(_name(row, "cf_pred"))}; the oracle does '
+                       f'not: the image did not become the target">⚠ adversarial</div>')
+    if outcome == "success":
         return head + '<div class="st ok">✓ success</div>'
-    return head + f'<div class="st no">✗ got {_e(_name(row, "cf_pred"))}</div>'
+    return head + f'<div class="st no">✗ failed: got {_e(_name(row, "cf_pred"))}</div>'
+
+
+def sample_outcome(row) -> str:
+    """real | adversarial | failed (the oracle read the counterfactual), success | failed (no oracle): the
+    row's ``outcome``, or made from its success and oracle_flip (jobs written before outcomes were)."""
+    v = row.get("outcome")
+    if isinstance(v, str) and v:
+        return v
+    if _truthy(row.get("failed")) or not _truthy(row.get("success")):
+        return "failed"
+    flip = row.get("oracle_flip")
+    try:
+        flip = float(flip)
+    except (TypeError, ValueError):
+        return "success"
+    return "success" if np.isnan(flip) else "real" if flip > 0.5 else "adversarial"
+
+
+def outcome_counts(samples: pd.DataFrame | None) -> dict[str, int]:
+    """{outcome: number of samples}, in the order real, adversarial, success, failed."""
+    if samples is None or not len(samples):
+        return {}
+    got = [sample_outcome(r) for r in samples.to_dict("records")]
+    return {k: got.count(k) for k in ("real", "adversarial", "success", "failed") if got.count(k)}
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    marks = {"real": "✓", "adversarial": "⚠", "success": "✓", "failed": "✗"}
+    return " · ".join(f"{marks[k]} {n} {k}" for k, n in counts.items())
+
+
+# What stands in for ground truth where no oracle reads the counterfactuals (a real dataset).
+NO_GROUND_TRUTH = ("no ground truth: no oracle reads these counterfactuals, so a flip may be real or adversarial "
+                   "(only the classifier fooled). Stand-ins: FVA and FS (identity kept), MNAC and CD (other "
+                   "attributes by an attribute classifier), COUT, FID / sFID (realism), a robust model's flip rate")
 
 
 def _wrap_header(c: str) -> str:
@@ -201,7 +243,8 @@ def _is_numeric_cell(s: str) -> bool:
 
 
 # --------------------------------------------------------------------------- page parts
-def _header(paths: list[str], records: list[dict], folders: dict[str, list[Path]], by: list[str]) -> str:
+def _header(paths: list[str], records: list[dict], folders: dict[str, list[Path]], by: list[str],
+            counts: dict[str, int] | None = None, oracle: bool = True) -> str:
     done = [r for r in records if r["state"] == "done"]
 
     def distinct(key):
@@ -227,6 +270,10 @@ def _header(paths: list[str], records: list[dict], folders: dict[str, list[Path]
             ("dataset", _e(", ".join(datasets) or "?")),
             ("models", _e(", ".join(distinct("model")) or "?")),
             ("rows by", _e(" ".join(by))),
+            ("outcomes", (_e(counts_text(counts)) if counts else "no samples") + "<br><span class=sub>"
+             + ("real: the classifier flipped and the oracle confirms; adversarial: the classifier flipped, the "
+                "oracle does not (the image is not the target); failed: no flip" if oracle else _e(NO_GROUND_TRUTH))
+             + "</span>"),
             ("run", _e(when)),
             ("page written", _e(time.strftime("%Y-%m-%d %H:%M:%S")))]
     title = " · ".join(Path(p).resolve().name for p in paths)
@@ -305,6 +352,9 @@ def _headline(r: dict) -> str:
                        ("seconds_per_cf", "s/cf")):
         if key in m and np.isfinite(m[key]):
             parts.append(f"{label} {_num(m[key])}")
+    for key, label in (("real_flip_rate", "real"), ("adversarial_rate", "adversarial")):
+        if key in m and np.isfinite(m[key]):
+            parts.insert(1, f"{label} {_num(m[key])}")
     if "nfe_unet" in m:
         parts.append(f"{_num(m['nfe_unet'] + m.get('nfe_unet_backward', 0.0))} UNet calls/cf")
     return " · ".join(parts)
@@ -359,7 +409,8 @@ def _sections(records: list[dict], folders: dict[str, list[Path]], by: list[str]
             parts.append(f'<div class="job" data-job="{_e(r["job"])}"><div class="jobhead">'
                          f'<b title="{_e(full)}">{_e(label)}</b> '
                          f'<span class=sub>{_e(where)}'
-                         f'</span><br><span class=hl>{_e(_headline(r))}</span></div>{_grid(samples, n)}</div>')
+                         f'</span><br><span class=hl>{_e(_headline(r))}</span> <span class=cnt>'
+                         f'{_e(counts_text(outcome_counts(samples)))}</span></div>{_grid(samples, n)}</div>')
             failures.append({"row": title, "label": label, "job": where, "samples": samples})
         parts.append("</section>")
         out.append("".join(parts))
@@ -375,21 +426,27 @@ def _failures_html(failures: list[dict]) -> str:
         failed = s[s["failed"].map(_truthy)] if "failed" in s else s.iloc[:0]
         unsucc = s[~s["success"].map(_truthy)] if "success" in s else s.iloc[:0]
         unsucc = unsucc[~unsucc["index"].isin(failed["index"])]
-        if not len(failed) and not len(unsucc):
+        adv = s[[sample_outcome(r) == "adversarial" for r in s.to_dict("records")]]
+        if not len(failed) and not len(unsucc) and not len(adv):
             continue
+        adv_idx = ", ".join(str(int(i)) for i in adv["index"])
         errs = "<br>".join(f'#{int(r["index"])}: <span class="err">{_e(_text(r.get("error")) or "(no error recorded)")}'
                            "</span>" for r in failed.to_dict("records"))
         idx = ", ".join(str(int(i)) for i in unsucc["index"])
         rows.append(f"<tr><td>{_e(f['row'])}{', ' + _e(f['label']) if f['label'] else ''}<br>"
                     f"<span class=sub>{_e(f['job'])}</span></td>"
                     f"<td class=n>{len(failed)}</td><td>{errs or '—'}</td>"
-                    f"<td class=n>{len(unsucc)} of {len(s)}</td><td>{_e(idx) or '—'}</td></tr>")
+                    f"<td class=n>{len(unsucc)} of {len(s)}</td><td>{_e(idx) or '—'}</td>"
+                    f"<td class=n>{len(adv)} of {len(s)}</td><td>{_e(adv_idx) or '—'}</td></tr>")
     if not rows:
-        return '<p class="ok">Every sample of every finished job succeeded; none failed.</p>'
+        return '<p class="ok">Every sample of every finished job succeeded; none failed, none adversarial.</p>'
     return ('<div class="scroll"><table class="res"><thead><tr><th>row / job</th><th>failed</th>'
-            '<th>failed samples: error</th><th>not successful</th><th>indices not successful</th></tr></thead>'
+            '<th>failed samples: error</th><th>not successful</th><th>indices not successful</th>'
+            '<th>⚠ adversarial</th><th>indices adversarial</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div><p class=cap>failed: the sample raised an error (no '
-            'counterfactual); not successful: a counterfactual that did not reach its target.</p>')
+            'counterfactual); not successful: a counterfactual that did not reach its target; adversarial: the '
+            'classifier flipped but the oracle does not see the target (the classifier fooled, not the image '
+            'changed).</p>')
 
 
 def _problems_html(records: list[dict]) -> str:
@@ -420,10 +477,12 @@ def plot_points(records: list[dict], by: list[str]) -> list[dict]:
                 out.append(float(v) if v is not None and np.isfinite(v) else np.nan)
             return np.array(out, dtype=float)
 
-        q = vals(lambda m: m.get("flip_rate", m.get("success_rate")))
+        real = any("real_flip_rate" in (r.get("metrics") or {}) for r in rs)
+        q = vals(lambda m: m.get("real_flip_rate") if real else m.get("flip_rate", m.get("success_rate")))
         sec = vals(lambda m: m.get("seconds_per_cf"))
         nfe = vals(lambda m: (m["nfe_unet"] + m.get("nfe_unet_backward", 0.0)) if "nfe_unet" in m else None)
-        quality = "flip rate" if any("flip_rate" in (r.get("metrics") or {}) for r in rs) else "success rate"
+        quality = ("real-flip rate (oracle-confirmed)" if real else "flip rate (no oracle)"
+                   if any("flip_rate" in (r.get("metrics") or {}) for r in rs) else "success rate (no oracle)")
         points.append({"label": ", ".join(key),
                        "quality": q, "seconds": sec, "nfe": nfe, "quality_name": quality})
     return points
@@ -521,6 +580,7 @@ max-width:100%;box-sizing:border-box;vertical-align:top}
 .grid img{display:block;border:1px solid #d5dae2;border-radius:2px}img.px{image-rendering:pixelated}
 .ix{font-weight:600;font-size:12px}.lt{font-size:11px;color:#3b4556;white-space:nowrap}
 .st{font-size:11px;font-weight:600;white-space:nowrap}.st.ok,.ok{color:#1a7f37}.st.no{color:#b42318}
+.st.adv,.cnt{color:#9a6700}.st.adv{background:#fff8c5;border-radius:3px;padding:0 4px}
 .st.fail{color:#fff;background:#b42318;border-radius:3px;padding:0 4px}
 .none{color:#9aa3b2}.err{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;color:#8a1c12}
 .warn{background:#fff7e0;border-left:3px solid #e0a100;padding:4px 8px;font-size:12.5px}
@@ -536,6 +596,12 @@ def build_page(paths: list[str], by: list[str], samples: int = 8) -> tuple[str, 
     records, folders = collect(paths, by)
     text = report_table(records, by)
     sections, failures = _sections(records, folders, by, text, samples)
+    counts: dict[str, int] = {}
+    for f in failures:
+        for k, v in outcome_counts(f["samples"]).items():
+            counts[k] = counts.get(k, 0) + v
+    oracle = any(f["samples"] is not None and "oracle_flip" in f["samples"]
+                 and f["samples"]["oracle_flip"].notna().any() for f in failures)
     png = plot_png(plot_points(records, by), by)
     plot = (f'<img class="plot" src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="quality vs cost">'
             '<p class=cap>One point per row of the table: the mean over its jobs (faint dots: each job) with ± std '
@@ -545,7 +611,7 @@ def build_page(paths: list[str], by: list[str], samples: int = 8) -> tuple[str, 
     nav = ('<nav><a href="#table">table</a><a href="#all">all metrics</a><a href="#plot">quality vs cost</a><a href="#images">images</a>'
            f'<a href="#failures">failed samples</a><a href="#jobs">jobs not in the table ({n_bad})</a></nav>')
     body = "\n".join([
-        _header(paths, records, folders, by), nav,
+        _header(paths, records, folders, by, counts, oracle), nav,
         '<h2 id="table">Results <span class=sub>as the papers table them: mean ± std over seeds, the best in '
         'bold</span></h2>', _paper_html(records, by),
         '<h2 id="all">All metrics <span class=sub>validity, distances, the factor oracle\'s readings, cost</span></h2>',
@@ -554,7 +620,7 @@ def build_page(paths: list[str], by: list[str], samples: int = 8) -> tuple[str, 
         f'<h2 id="images">Counterfactuals <span class=sub>first {samples} samples of each job; difference: '
         'Σ|x_cf − x| per image, scaled to its maximum (dark: unchanged, bright: most changed)</span></h2>',
         sections or '<p class="none">No finished jobs.</p>',
-        '<h2 id="failures">Failed and unsuccessful samples</h2>', _failures_html(failures),
+        '<h2 id="failures">Failed, unsuccessful and adversarial samples</h2>', _failures_html(failures),
         '<h2 id="jobs">Jobs not in the table</h2>', _problems_html(records),
     ])
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>cfx report: '
