@@ -174,7 +174,10 @@ def test_page_of_a_sweep(sweep, capsys):
     # columns: index, label -> target names, success
     d1 = dime[str(root / "1_method=dime,seed=1")]
     assert "#2" in d1 and "circle → square" in d1 and "square → circle" in d1
-    assert d1.count("✓ success") == 1 and "✗ got circle" in d1 and ">failed<" in d1 and "no image" in d1
+    assert d1.count("✓ success") == 1 and "✗ failed: got circle" in d1 and ">failed<" in d1 and "no image" in d1
+    # no oracle in these jobs: the header says there is no ground truth and names the stand-ins
+    head = page.split("<nav>", 1)[0]
+    assert "no ground truth" in head and "FVA" in head and "MNAC" in head
 
     # failed and unsuccessful samples
     fails = h2_part(page, "failures")
@@ -268,7 +271,7 @@ def test_plot_points_regression_and_seeds():
             for s, q, t in [(0, 0.8, 1.0), (1, 0.6, 3.0)]]
     recs.append({"job": "b", "state": "failed", "method": "dime", "metrics": {}})
     (p,) = report.plot_points(recs, ["method"])
-    assert p["label"] == "fastdime" and p["quality_name"] == "success rate"
+    assert p["label"] == "fastdime" and p["quality_name"] == "success rate (no oracle)"
     assert list(p["quality"]) == [0.8, 0.6] and list(p["seconds"]) == [1.0, 3.0] and list(p["nfe"]) == [120.0, 120.0]
     png = report.plot_png([p])
     assert Image.open(io.BytesIO(png)).format == "PNG"
@@ -302,3 +305,59 @@ def test_chromium_draws_the_page(sweep, tmp_path):
     assert colourful.mean() > 0.005
     # the top of the page (header text) and a lower band (images) both have content
     assert ink[:200].mean() > 0.01 and ink[900:1800].mean() > 0.01
+
+
+# --------------------------------------------------------------------------- real vs adversarial flips
+def test_outcomes_of_hand_made_rows_and_the_plot_uses_real_flips(tmp_path):
+    """Rows with the oracle's confirmation: 0 real (flipped, confirmed), 1 adversarial (flipped, not
+    confirmed), 2 failed; an old job's rows (no outcome column) get theirs from success and oracle_flip."""
+    samples = rows([0, 1, 2], unsuccessful=[2])
+    for r, flip in zip(samples, (1.0, 0.0, 0.0)):
+        r["oracle_flip"] = flip
+    make_job(tmp_path / "job", metrics={**metrics(2 / 3, 1.0, 10.0), "real_flip_rate": 1 / 3,
+                                        "adversarial_rate": 1 / 3}, samples=samples)
+    out, _ = report.report([str(tmp_path / "job")])
+    page = out.read_text()
+    head = page.split("<nav>", 1)[0]
+    assert "✓ 1 real · ⚠ 1 adversarial · ✗ 1 failed" in head and "no ground truth" not in head
+    grid = section(page, "method=dime")
+    assert grid.count("✓ real") == 1 and grid.count("⚠ adversarial") == 1 and grid.count("✗ failed: got") == 1
+    fails = h2_part(page, "failures")
+    assert "1 of 3" in fails and "adversarial" in fails
+    (p,) = report.plot_points([{"job": "a", "state": "done", "method": "dime",
+                                "metrics": {"flip_rate": 1.0, "real_flip_rate": 0.25, "seconds_per_cf": 1.0}}],
+                              ["method"])
+    assert list(p["quality"]) == [0.25] and p["quality_name"].startswith("real-flip rate")
+
+
+def adversarial_job(tmp_path) -> Path:
+    """DiME with a scale 20× its tuned one under debug=fast: the classifier flips on all 4 images, the oracle
+    sees the target shape on 2 (indices 0, 1); 2 and 3 are colour noise (measured: samples.csv of this run)."""
+    job = tmp_path / "adv"
+    cfx("run", "debug=fast", "method=dime", "method.scales=[300]", f"hydra.run.dir={job}")
+    return job
+
+
+def test_report_of_an_adversarial_run_says_so(tmp_path):
+    job = adversarial_job(tmp_path)
+    s = pd.read_csv(job / "samples.csv")
+    assert s["success"].all()  # the classifier is fooled on every image
+    assert list(s["outcome"]) == ["real" if f else "adversarial" for f in s["oracle_flip"]]
+    assert (s["outcome"] == "adversarial").sum() >= 1
+    m = dict(pd.read_csv(job / "metrics.csv").itertuples(index=False))
+    assert m["flip_rate"] == 1.0 and m["real_flip_rate"] + m["adversarial_rate"] == 1.0
+    assert m["real_flip_rate"] == (s["oracle_flip"] == 1).mean()
+    out, _ = report.report([str(job)])
+    page = out.read_text()
+    n_adv = int((s["outcome"] == "adversarial").sum())
+    assert f"⚠ {n_adv} adversarial" in page.split("<nav>", 1)[0]
+    assert section(page, "method=dime").count("⚠ adversarial") == n_adv
+    assert "Every sample of every finished job succeeded" not in page
+    if Path("/usr/bin/chromium").exists():  # what a person sees: the adversarial badges drawn in amber
+        spec = importlib.util.spec_from_file_location("screenshot_report", ROOT / "scripts" / "screenshot_report.py")
+        shot = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(shot)
+        a = np.asarray(Image.open(shot.screenshot(out, tmp_path / "page.png", width=1200, height=2400))
+                       .convert("RGB")).astype(int)
+        badge = (np.abs(a - np.array([0xff, 0xf8, 0xc5])).sum(-1) <= 6)  # .st.adv's background
+        assert badge.sum() >= 50 * n_adv, "no adversarial badge drawn"
