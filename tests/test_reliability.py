@@ -300,3 +300,65 @@ def test_debug_flag_shows_the_full_traceback(tmp_path):
     assert plain.stderr.strip().splitlines()[-1].startswith("cfx: error: dataset.num_images")
     debug = subprocess.run([*args[:3], "--debug", *args[3:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "CfxError" in debug.stderr
+
+
+def _refusal(job, cfg, folder):
+    from cfx_cli.errors import user_error
+
+    try:
+        job(cfg, folder)
+    except Exception as e:  # noqa: BLE001
+        msg = user_error(e)
+        assert msg and "\n" not in msg, msg
+        return msg
+    raise AssertionError(f"resumed {folder}")
+
+
+def test_a_model_replaced_under_the_same_path_refuses_the_resume(tmp_path, compose):
+    """Rows 0-1 made by one classifier (or DDPM), rows 2-3 by another under the same path: refused, naming the
+    file, and the folder is left as it was."""
+    import shutil
+
+    from cfx_cli import ZOO_DIR
+    from cfx_cli.job.loop import job
+
+    clf = shutil.copytree(ZOO_DIR / "synthetic_shape", tmp_path / "clf")
+    ddpm = shutil.copytree(ZOO_DIR / "synthetic_ddpm", tmp_path / "ddpm")
+    base = ["debug=fast", "device=cpu", f"classifier.path={clf}", f"diffusion.path={ddpm}", "metrics.evaluate.metrics=[]"]
+    folder = tmp_path / "job"
+    job(compose([*base, "dataset.num_images=2"]), folder)
+    recorded = state(folder)["model_files"]
+    assert set(recorded) >= {"classifier.path", "diffusion.path", "metrics.oracle.path"}
+    import hashlib
+    assert recorded["classifier.path"]["files"]["model.safetensors"] == \
+        hashlib.sha256((clf / "model.safetensors").read_bytes()).hexdigest()
+
+    # the classifier retrained (here: another one copied) under the same path, then the job extended
+    shutil.copy(ZOO_DIR / "synthetic_shape_biased" / "model.safetensors", clf / "model.safetensors")
+    before = ((folder / "samples.csv").read_bytes(), (folder / "status.json").read_bytes())
+    msg = _refusal(job, compose([*base, "dataset.num_images=4"]), folder)
+    assert f"classifier.path={clf}: model.safetensors changed" in msg and "another model" in msg, msg
+    assert ((folder / "samples.csv").read_bytes(), (folder / "status.json").read_bytes()) == before
+
+    # the old file back: the resume goes on and finishes the 4 images
+    shutil.copy(ZOO_DIR / "synthetic_shape" / "model.safetensors", clf / "model.safetensors")
+    weights = next(ddpm.rglob("*.safetensors"))  # a replaced DDPM: no accuracy warning would ever show it
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    msg = _refusal(job, compose([*base, "dataset.num_images=4"]), folder)
+    assert f"diffusion.path={ddpm}: {weights.relative_to(ddpm)} changed" in msg, msg
+    shutil.copy(next((ZOO_DIR / "synthetic_ddpm").rglob(weights.name)), weights)
+    job(compose([*base, "dataset.num_images=4"]), folder)
+    assert sorted(pd.read_csv(folder / "samples.csv")["index"]) == [0, 1, 2, 3]
+
+
+def test_fewer_images_on_resume_is_refused_and_nothing_changes(tmp_path, compose):
+    """num_images 2 -> 1 on a finished job: refused (a folder is never narrowed), every file as it was."""
+    from cfx_cli.job.loop import job
+
+    base = ["debug=fast", "device=cpu", "metrics.evaluate.metrics=[]"]
+    folder = tmp_path / "job"
+    job(compose([*base, "dataset.num_images=2"]), folder)
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and ".cfx" not in p.parts}
+    msg = _refusal(job, compose([*base, "dataset.num_images=1"]), folder)
+    assert "holds 1 sample(s) beyond the dataset's 1 images (indices 1..1" in msg and "at least 2" in msg, msg
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and ".cfx" not in p.parts} == files

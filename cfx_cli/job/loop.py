@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cfx_cli.errors import CfxError, Interrupted, UnreadableItem
 from cfx_cli.job.build import JobParts, check_settings, fit_defaults, resolve_device, shard_indices
 from cfx_cli.job.explain import explain_batch
+from cfx_cli.job.identity import beyond, check_models
 from cfx_cli.metrics import suite
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.metrics.sample import distances, outcomes
@@ -129,12 +130,13 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
         print(f"cfx: {note}", file=sys.stderr)
     config = result_config(cfg)
     check_resume(writer, config)
+    models = check_models(writer, config, len(writer.done_indices()))  # the same model files under the same paths
     previous_status = writer.read_status()
     writer.start()
     writer.snapshot_hydra()
     started = time.time()
     writer.status(state="running", started=writer.read_status().get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
-                  error=None, config=config)
+                  error=None, config=config, model_files=models)
     progress = {}
     try:
         device = resolve_device(cfg.device)
@@ -149,6 +151,8 @@ def _job(cfg: DictConfig, writer: JobWriter) -> dict:
             raise CfxError(f"the dataset has no images (dataset.num_images={cfg.dataset.get('num_images')}): "
                            f"ask for at least one")
         indices = shard_indices(len(dataset), cfg.data.shard, cfg.data.num_shards)
+        if (fewer := beyond(writer, writer.done_indices(), len(dataset), cfg.dataset.get("num_images"))):
+            raise ResumeRefused(fewer)
         check_items(writer, dataset)
         done = writer.done_indices()
         todo = [i for i in indices if i not in done]
