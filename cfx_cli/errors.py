@@ -10,6 +10,13 @@ class CfxError(Exception):
     """A user-facing error: the message names the key, the value and the fix."""
 
 
+class DamagedJob(CfxError):
+    """A job folder whose files disagree or are cut (a truncated CSV, a missing or unreadable image): reading
+    it would compute on part of it. Exit status 1, as a failed check."""
+
+    exit_code = 1
+
+
 class Interrupted(Exception):
     """The job was stopped from outside (SIGTERM: a SLURM time limit or pre-emption; SIGINT: Ctrl-C).
     The job folder records ``interrupted``; re-running the same command resumes it."""
@@ -72,4 +79,14 @@ def one_line_errors(*readers):
         if msg is None:
             raise
         print(f"cfx: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(exit_code(e)) from None
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status of a one-line error: its CfxError's ``exit_code`` (a damaged job folder: 1), else 2."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, CfxError):
+            return int(getattr(seen, "exit_code", 2))
+        seen = seen.__cause__ or seen.__context__
+    return 2

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from cfx_cli.errors import CfxError
+from cfx_cli.errors import CfxError, DamagedJob
 from cfx_cli.metrics.summary import finite, to_long
 
 IMAGE_KINDS = ("original", "counterfactual", "diff")
@@ -276,6 +276,66 @@ def read_samples(job_dir: str | Path) -> pd.DataFrame:
     return df.drop_duplicates("index", keep="first")
 
 
+def damage(job_dir: str | Path, images: bool = True) -> tuple[list[str], set[int]]:
+    """What is wrong with a finished job folder before it is read (``cfx evaluate``, ``cfx aggregate``): one
+    line per problem, each naming the file, and the indices of the samples it spoils. samples.csv must parse
+    whole (no row cut mid-line, no open quote, every row its header's width); metrics.csv must end its last
+    line; a sample that did not fail must have readable images/original/<i>.png and counterfactual/<i>.png
+    (an unreadable item's failed row has none)."""
+    job = Path(job_dir)
+    problems: list[str] = []
+    spoiled: set[int] = set()
+    for name in ("samples.csv", "metrics.csv"):
+        path = job / name
+        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            problems.append(f"{path} is cut mid-line (its last line has no end)")
+    path = job / "samples.csv"
+    if not path.is_file():
+        return problems, spoiled
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh, strict=True))
+    except (csv.Error, UnicodeDecodeError, OSError) as e:
+        return problems + [f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"], spoiled
+    if not rows or "index" not in rows[0]:
+        return problems + [f"{path} has no header with an index column"], spoiled
+    header, at = rows[0], rows[0].index("index")
+    failed_at = header.index("failed") if "failed" in header else None
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            problems.append(f"{path} line {n} has {len(row)} fields, not {len(header)} (a damaged row)")
+            try:
+                spoiled.add(int(row[at]))
+            except (ValueError, IndexError):
+                pass
+            continue
+        try:
+            index = int(row[at])
+        except ValueError:
+            problems.append(f"{path} line {n}: index {row[at]!r} is not a number")
+            continue
+        if not images or (failed_at is not None and row[failed_at] == "True"):
+            continue
+        for kind in ("original", "counterfactual"):
+            png = job / "images" / kind / f"{index}.png"
+            why = _unreadable(png)
+            if why:
+                problems.append(f"{png} {why} (sample {index})")
+                spoiled.add(index)
+    return problems, spoiled
+
+
+def _unreadable(png: Path) -> str | None:
+    if not png.is_file():
+        return "is missing"
+    try:
+        with Image.open(png) as img:
+            img.load()
+    except Exception as e:  # noqa: BLE001 - truncated, not an image, unreadable
+        return f"cannot be read ({type(e).__name__})"
+    return None
+
+
 def flatten_config(d: dict, prefix: str = "") -> dict:
     """A nested config as {"method.tau": 60, ...}; lists as "[a, b]" (e.g. method.scales), so that
     every value can be grouped by, compared and written to JSON."""
@@ -456,7 +516,8 @@ def job_record(job: Path) -> dict:
     try:
         return _job_record(job)
     except Exception as e:  # noqa: BLE001 - any parse error of any file: list the folder, table the rest
-        return {"job": str(job), "state": "unreadable", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+        why = str(e) if isinstance(e, DamagedJob) else f"{type(e).__name__}: {e}"
+        return {"job": str(job), "state": "unreadable", "error": (why.splitlines() or [""])[0][:300],
                 "metrics": {}, "task": None, "method": None, "model": None}
 
 
@@ -481,6 +542,10 @@ def _job_record(job: Path) -> dict:
     rec["state"] = status.get("state", "missing")
     rec["error"] = status.get("error")
     rec["task"] = status.get("task")
+    if rec["state"] == "done":  # a finished job's files must be whole before a table averages them
+        problems = damage(job, images=False)[0]
+        if problems:
+            raise DamagedJob(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     rec["metrics"] = read_metrics(job)
     return rec
 

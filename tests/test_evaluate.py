@@ -321,3 +321,34 @@ def test_mnac_of_the_papers_counts_the_successful_counterfactuals():
                          "mnac": [1.0, 3.0, 2.0, 0.0], "cf_pred": 0, "target": 0, "pred": 1})
     got = summarise(rows, "classification")
     assert got["mnac"] == pytest.approx(6 / 4) and got["mnac_successful"] == pytest.approx(3 / 2)
+
+
+def test_a_damaged_job_folder_is_refused_in_one_line_and_nothing_is_written(shards, tmp_path, capsys):
+    """samples.csv cut mid-row, a counterfactual deleted or truncated: exit 1, one line naming the file, the
+    job's files byte for byte as they were; --force evaluates the whole samples and says how many."""
+    def files(job):
+        return {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()}
+
+    cut = copy(shards[0], tmp_path / "cut")
+    data = (cut / "samples.csv").read_bytes()
+    (cut / "samples.csv").write_bytes(data[:-15])  # a row cut mid-line
+    gone = copy(shards[0], tmp_path / "gone")
+    (gone / "images" / "counterfactual" / "4.png").unlink()
+    torn = copy(shards[0], tmp_path / "torn")
+    png = torn / "images" / "counterfactual" / "2.png"
+    png.write_bytes(png.read_bytes()[:40])
+    for job, needle in ((cut, f"{cut / 'samples.csv'} is cut mid-line"),
+                        (gone, f"{gone / 'images' / 'counterfactual' / '4.png'} is missing (sample 4)"),
+                        (torn, f"{png} cannot be read")):
+        before = files(job)
+        with pytest.raises(SystemExit) as exit_:
+            main([str(job), "metrics=[kid]", "realism.kid_subsets=3"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 1 and len(err) == 1 and needle in err[0] and "--force" in err[0], err
+        assert files(job) == before
+
+    # --force: the 5 samples whose images are whole (shard 0 holds 6: indices 0, 2, ..., 10)
+    main([str(gone), "metrics=[kid]", "realism.kid_subsets=3", "--force"])
+    out, err = capsys.readouterr()
+    assert "evaluating 5 of the 6 readable rows" in err and f"{gone}: 5 samples" in out, (out, err)
+    assert "kid" in dict(pd.read_csv(gone / "metrics.csv").values)

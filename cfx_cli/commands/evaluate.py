@@ -12,21 +12,26 @@ per-sample values (cout, mnac) become samples.csv columns. Every row of samples.
 job's data.shard, so a folder that holds the merged rows of a sharded run gets set-level metrics over all
 of them. A metric that cannot be computed (a missing weights file, too few counterfactuals) is a one-line
 warning and an empty cell, never a value from random weights; a value the job already has is then kept.
-The job folder is locked while it is evaluated: a job still running there is refused.
+The job folder is locked while it is evaluated: a job still running there is refused. A damaged folder (a
+samples.csv or metrics.csv cut mid-line, a missing or unreadable image of a sample) is refused in one line
+naming the file, exit status 1, and nothing is written; ``--force`` evaluates the samples that are whole and
+says how many it used.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from cfx_cli import config
-from cfx_cli.errors import CfxError, one_line_errors, override_error
+from cfx_cli.errors import CfxError, DamagedJob, one_line_errors, override_error
 from cfx_cli.job.build import JobParts, resolve_device
 from cfx_cli.metrics import suite
 from cfx_cli.metrics.summary import finite
-from cfx_cli.outputs import JobLock, Pairs, job_config, metrics_with_values, update_metrics, update_samples
+from cfx_cli.outputs import (JobLock, Pairs, damage, job_config, metrics_with_values, read_samples, update_metrics,
+                             update_samples)
 
 
 def compose(overrides=()) -> DictConfig:
@@ -64,8 +69,27 @@ def explained(cfg: DictConfig, device):
     return parts.model.eval(), parts.objective
 
 
-def evaluate(job_dir: str | Path, ecfg: DictConfig) -> dict[str, float]:
-    """Compute ``ecfg.metrics`` on the job folder and write them into it; returns the set-level values."""
+def checked_samples(job: Path, force: bool = False):
+    """The rows to evaluate: all of samples.csv when the folder is whole (None); with ``force``, the rows whose
+    files are whole. A damaged folder without ``force`` is one line naming the first damaged file."""
+    problems, spoiled = damage(job)
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    if not force:
+        raise DamagedJob(f"{problems[0]}{more}: the job folder is damaged, nothing was evaluated: restore the file "
+                         f"(or re-run the job into a new hydra.run.dir), or add --force to evaluate the samples "
+                         f"that are whole")
+    rows = read_samples(job)
+    kept = rows[~rows["index"].isin(spoiled)]
+    print(f"cfx evaluate: --force: {problems[0]}{more}; evaluating {len(kept)} of the {len(rows)} readable rows of "
+          f"samples.csv", file=sys.stderr)
+    return kept
+
+
+def evaluate(job_dir: str | Path, ecfg: DictConfig, force: bool = False) -> dict[str, float]:
+    """Compute ``ecfg.metrics`` on the job folder and write them into it; returns the set-level values.
+    A damaged folder is refused before anything is read or written (``force``: the whole samples only)."""
     job = Path(job_dir)
     if not (job / "samples.csv").is_file():
         raise CfxError(f"{job} is not a job folder with samples (no samples.csv); give the folder that `cfx run` "
@@ -73,8 +97,9 @@ def evaluate(job_dir: str | Path, ecfg: DictConfig) -> dict[str, float]:
     names = suite.metric_names(ecfg)
     device = resolve_device(ecfg.device)
     with JobLock(job):
+        samples = checked_samples(job, force)
         cfg = job_config(job)
-        pairs = Pairs(job)
+        pairs = Pairs(job, samples)
         level, per, seconds = suite.compute(pairs, ecfg, cfg, names, device,
                                             explained=lambda: explained(cfg, device))
         # a metric not computed is an empty cell, unless the job already has a value for it (kept)
@@ -101,10 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. metrics=[fid,sfid,kid,cout] "
                                                  "realism.features=inception realism.inception_weights=PATH")
     ap.add_argument("--cfg", action="store_true", help="print the composed settings and exit")
+    ap.add_argument("--force", action="store_true", help="on a damaged job folder, evaluate the samples whose "
+                                                         "files are whole (and say how many)")
     args = ap.parse_args(argv)
     with one_line_errors(override_error):
         ecfg = settings(args.job, args.overrides)
         if args.cfg:
             print(OmegaConf.to_yaml(ecfg))
             return
-        evaluate(args.job, ecfg)
+        evaluate(args.job, ecfg, force=args.force)
