@@ -513,16 +513,17 @@ def find_jobs(paths: list[str]) -> list[Path]:
 def job_record(job: Path) -> dict:
     """Config choices and values of one job, its state and its metrics; a folder whose files cannot be
     read (a truncated status.json, a garbage CSV, broken YAML) is an ``unreadable`` record naming why."""
+    rec: dict = {"job": str(job)}
     try:
-        return _job_record(job)
+        return _job_record(job, rec)
     except Exception as e:  # noqa: BLE001 - any parse error of any file: list the folder, table the rest
         why = str(e) if isinstance(e, DamagedJob) else f"{type(e).__name__}: {e}"
-        return {"job": str(job), "state": "unreadable", "error": (why.splitlines() or [""])[0][:300],
-                "metrics": {}, "task": None, "method": None, "model": None}
+        # what was read stays (its config: the shard of a sharded job is still grouped with its job)
+        return {"method": None, "model": None, **rec, "state": "unreadable",
+                "error": (why.splitlines() or [""])[0][:300], "metrics": {}, "task": rec.get("task")}
 
 
-def _job_record(job: Path) -> dict:
-    rec: dict = {"job": str(job)}
+def _job_record(job: Path, rec: dict) -> dict:
     cfg_file, hydra_file = job / ".hydra" / "config.yaml", job / ".hydra" / "hydra.yaml"
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     rec.update(flatten_config(cfg or {}))

@@ -68,10 +68,11 @@ def merge_shards(records: list[dict]) -> list[dict]:
         absent = [i for i in range(expected) if i not in done_shards]
         if absent:
             failed = any(x["state"] == "failed" for x in rs)
-            r["state"] = "failed" if failed else "missing"
+            bad = next((x for x in rs if x["state"] == "unreadable"), None)  # a damaged shard says why
+            r["state"] = "unreadable" if bad else "failed" if failed else "missing"
             r["error"] = (f"{len(done_shards & set(range(expected)))}/{expected} shards done; "
                           f"shard{'s' if len(absent) > 1 else ''} {', '.join(map(str, absent))} "
-                          f"{'failed or ' if failed else ''}missing")
+                          f"{'failed or ' if failed else ''}missing" + (f"; {bad['error']}" if bad else ""))
             r["metrics"] = {}
         else:
             r["state"], r["error"] = "done", None

@@ -280,3 +280,43 @@ def test_jobs_measured_with_other_end_metrics_are_one_row_not_a_mix(tmp_path, ca
     make_job(tmp_path / "b", seed=1, metrics={"flip_rate": 0.5}, metrics__evaluate__metrics="[fid, cd]")
     df, out, err = run(capsys, tmp_path)
     assert len(df) == 1 and df["n_jobs"].iloc[0] == 2 and "mixes" not in err
+
+
+# --------------------------------------------------------------------------- damaged job folders
+def test_a_metrics_csv_cut_mid_line_is_listed_not_averaged(tmp_path, capsys):
+    """One job's metrics.csv cut mid-line: not a silent "(1 of 2 jobs)", the job is listed as unreadable with
+    the file named, the table holds the other job only, and the exit status is 1."""
+    make_job(tmp_path / "a", seed=0, metrics={"flip_rate": 1.0, "l1": 0.25})
+    make_job(tmp_path / "b", seed=1, metrics={"flip_rate": 0.5, "l1": 0.75})
+    path = tmp_path / "b" / "metrics.csv"
+    path.write_bytes(path.read_bytes()[:-4])  # "l1,0.75\n" -> "l1,0."
+    with pytest.raises(SystemExit) as exc:
+        aggregate.main([str(tmp_path), "--metrics", "flip_rate", "l1"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 1
+    assert re.search(rf"unreadable .*/b  \({re.escape(str(path))} is cut mid-line", out), out
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert list(table["n_jobs"]) == [1] and table.loc[0, "l1_mean"] == 0.25 and "of 2 jobs" not in out
+
+
+def test_a_shard_with_an_open_quote_in_samples_csv_is_one_line(tmp_path, capsys):
+    make_job(tmp_path / "s0", shard=0, num_shards=2, samples=_samples([0, 2], 0.1), metrics={"flip_rate": 1.0})
+    make_job(tmp_path / "s1", shard=1, num_shards=2, samples=_samples([1, 3], 0.3), metrics={"flip_rate": 1.0})
+    with open(tmp_path / "s1" / "samples.csv", "a") as fh:
+        fh.write('5,"True,0.3\n')  # an open quote: the rest of the file is one field
+    with pytest.raises(SystemExit) as exc:
+        aggregate.main([str(tmp_path), "--metrics", "flip_rate", "l1"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 1 and "Traceback" not in out
+    assert re.search(r"unreadable .*s0,.*s1  \(1/2 shards done; shard 1 missing; .*s1/samples.csv cannot be read "
+                     r"\(Error: unexpected end of data\)", out), out
+
+
+def test_out_naming_a_file_is_one_line(tmp_path):
+    make_job(tmp_path / "a", metrics={"flip_rate": 1.0})
+    (tmp_path / "table").write_text("a file")
+    for out in (tmp_path / "table", tmp_path / "table" / "under"):
+        proc = cfx("aggregate", str(tmp_path), "--out", str(out), check=False)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"cfx: error: --out {out}"), err
+    assert (tmp_path / "table").read_text() == "a file"

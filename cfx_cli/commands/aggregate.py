@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cfx_cli import paper_table as P
-from cfx_cli.errors import one_line_errors
+from cfx_cli.errors import CfxError, one_line_errors
 from cfx_cli.outputs import find_jobs, job_record
 from cfx_cli.tables import (DEFAULT_METRICS, check_by, merge_shards, missing_sweep_jobs, mixed_rows, render, table,
                             to_latex)
@@ -61,8 +61,7 @@ def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
         print(f"cfx aggregate: warning: row {label} mixes jobs that differ in {', '.join(keys)}; add them to --by",
               file=sys.stderr)
     text, numeric = render(df)
-    out = Path(args.out or args.paths[0])
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args)
     md = text.to_markdown(index=False) if len(text) else "(no finished jobs)"
     if mixed:
         md += ("\n\nNote: the ± spread of these rows is not only over seeds: their jobs differ in config keys "
@@ -79,6 +78,21 @@ def aggregate(argv: list[str] | None = None) -> pd.DataFrame:
     return df
 
 
+def out_folder(args) -> Path:
+    """The folder the tables go to (``--out``, else the first path), made if need be; a file there, or a
+    folder that cannot be made, is one line."""
+    out = Path(args.out or args.paths[0])
+    key = "--out" if args.out else "the first path (no --out)"
+    if out.exists() and not out.is_dir():
+        raise CfxError(f"{key} {out} is a file: the tables go to a folder; give --out FOLDER")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CfxError(f"{key} {out}: cannot make that folder ({e.strerror or e}); give --out a writable "
+                       f"folder") from None
+    return out
+
+
 def list_problems(records: list[dict]) -> list[dict]:
     problems = [r for r in records if r["state"] != "done"]
     if problems:
@@ -90,8 +104,7 @@ def list_problems(records: list[dict]) -> list[dict]:
 
 def paper(args, records: list[dict]) -> pd.DataFrame:
     """--table paper: one table per task (classification, regression) in the papers' layout."""
-    out = Path(args.out or args.paths[0])
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args)
     md, tex, numeric, frames = [], [], [], []
     for task, df, text, best, absent in P.paper_tables(records, args.by):
         md.append(f"**{task.capitalize()}** (mean ± std over seeds; best in bold)\n\n" + P.to_markdown(text, best)
