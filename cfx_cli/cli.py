@@ -88,7 +88,33 @@ def _main(argv: list[str] | None = None) -> None:
         print(f"cfx: error: unknown command {cmd!r}; use run, train, aggregate, evaluate, calibrate or doctor (cfx --help)",
               file=sys.stderr)
         sys.exit(2)
+    if cmd in ("run", "train", "doctor", "check"):
+        problem = output_dir_problem(rest)
+        if problem:
+            print(f"cfx: error: {problem}", file=sys.stderr)
+            sys.exit(2)
     module.main(rest)
+
+
+def output_dir_problem(args: list[str]) -> str | None:
+    """Before Hydra makes its output folder (where a problem is Hydra's traceback): ``hydra.run.dir`` /
+    ``hydra.sweep.dir`` naming a file, a folder under a file, or a place this user cannot write; the one
+    line naming the key and the fix, or None."""
+    from pathlib import Path
+
+    for arg in args:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
+            continue
+        path = Path(value.strip("'\""))
+        if path.exists() and not path.is_dir():
+            return f"{key}={value} is a file: give a folder (a new or an existing job folder)"
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            return f"{key}={value} is under {existing}, which is a file: give a folder elsewhere"
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            return f"{key}={value}: cannot write in {existing} (read-only or no permission): choose a writable {key}"
+    return None
 
 
 if __name__ == "__main__":

@@ -362,3 +362,22 @@ def test_fewer_images_on_resume_is_refused_and_nothing_changes(tmp_path, compose
     msg = _refusal(job, compose([*base, "dataset.num_images=1"]), folder)
     assert "holds 1 sample(s) beyond the dataset's 1 images (indices 1..1" in msg and "at least 2" in msg, msg
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and ".cfx" not in p.parts} == files
+
+
+def test_a_run_dir_that_is_a_file_under_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
+    from conftest import cfx
+
+    (tmp_path / "afile").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cases = {tmp_path / "afile": "is a file: give a folder", tmp_path / "afile" / "sub": f"is under {tmp_path / 'afile'}, which is a file",
+             ro / "job": f"cannot write in {ro} (read-only or no permission)"}
+    real = os.access
+    # (tests run as root, for whom chmod does not make a folder read-only: the permission is what os.access says)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(ro) else real(p, mode, **kw))
+    for cmd in (["run", "debug=fast"], ["train", "synthetic_shape"]):
+        for folder, needle in cases.items():
+            proc = cfx(*cmd, f"hydra.run.dir={folder}", check=False)
+            err = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(err) == 1 and f"hydra.run.dir={folder}" in err[0] and needle in err[0], err
+    assert (tmp_path / "afile").read_text() == "x" and not (ro / "job").exists()
