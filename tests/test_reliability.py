@@ -381,3 +381,58 @@ def test_a_run_dir_that_is_a_file_under_a_file_or_read_only_is_one_line(tmp_path
             err = proc.stderr.strip().splitlines()
             assert proc.returncode == 2 and len(err) == 1 and f"hydra.run.dir={folder}" in err[0] and needle in err[0], err
     assert (tmp_path / "afile").read_text() == "x" and not (ro / "job").exists()
+
+
+def test_bad_numbers_and_foreign_pickles_are_one_line(tmp_path):
+    """cfx calibrate --rate -1, trainable.steps=abc / -5, a pickle named .safetensors, a malicious pickle as
+    cfx train's checkpoint (refused, never run): each one line naming the key or file."""
+    import torch
+    from torch import nn
+
+    from cfx_cli.errors import CfxError
+    from cfx_cli.models.checkpoints import load_state_dict
+    from cfx_cli.train.loop import Trainer
+    from conftest import cfx
+
+    for rate in ("-1", "0", "1.5"):
+        proc = cfx("calibrate", "debug=fast", "--values", "1", "--rate", rate, check=False)
+        assert proc.returncode == 2 and f"--rate {float(rate)}: a flip rate is a fraction in (0, 1]" in proc.stderr
+    for steps in ("abc", "-5", "0"):
+        proc = cfx("train", "synthetic_shape", f"trainable.steps={steps}", f"out={tmp_path / 'o'}",
+                   f"work_dir={tmp_path / 'w'}", f"hydra.run.dir={tmp_path / 'h'}", check=False)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and "trainable.steps=" in err[0] and \
+            "not a whole number of at least 1" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+    fake = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, fake)
+    try:
+        load_state_dict(fake, key="classifier.weights")
+        raise AssertionError("loaded a pickle named .safetensors")
+    except CfxError as e:
+        assert f"classifier.weights={fake} is a pickle (torch.save) file named .safetensors" in str(e), str(e)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / "work").mkdir()
+    torch.save({"nets": Evil()}, tmp_path / "work" / "state.pt")
+    try:
+        Trainer({"m": nn.Linear(1, 1)}, tmp_path / "work", 1)
+        raise AssertionError("resumed from a foreign pickle")
+    except CfxError as e:
+        assert f"work_dir={tmp_path / 'work'}: state.pt is not a cfx training checkpoint (UnpicklingError" in str(e)
+    assert not (tmp_path / "ran").exists()  # refused, never executed
+
+
+def test_process_level_a_run_dir_that_is_a_file(tmp_path):
+    """The console script in its own process: no Hydra traceback, one line, exit 2, the file untouched."""
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "cfx_cli.cli", "run", f"hydra.run.dir={tmp_path / 'afile'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"cfx: error: hydra.run.dir={tmp_path / 'afile'} is a file: give a "
+                                                f"folder (a new or an existing job folder)"]
+    assert (tmp_path / "afile").read_text() == "x"
