@@ -1,6 +1,7 @@
 """One batch explained and judged: the one code path of every method, for `cfx run` and the Python API."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,3 +59,68 @@ def cost_columns(meter: CostMeter) -> dict:
         cols[f"nfe_{role}"] = meter.column(role, "forward")
         cols[f"nfe_{role}_backward"] = meter.column(role, "backward")
     return cols
+
+
+def expected_unet_calls(method) -> float | None:
+    """UNet calls (forward + backward) one counterfactual takes with one strength, known beforehand for the
+    methods whose loop is fixed (DiME: an unguided chain from each of its tau steps, tau·(tau+1)/2 calls;
+    FastDiME: tau); None for the others, whose estimate comes from the job's first batch."""
+    tau = getattr(method, "tau", None)
+    if not isinstance(tau, int):
+        return None
+    name = type(method).__name__
+    return {"DiME": tau * (tau + 1) / 2, "FastDiME": float(tau)}.get(name)
+
+
+class BatchProgress:
+    """A tqdm bar (unit: counterfactual) that moves inside a batch: each sample counts as the share of a
+    counterfactual's UNet calls it has had (forward + backward, read from the cost meter), up to 0.99 until
+    its batch ends, so that a batch of 32 shows progress and an ETA. The calls per counterfactual are the
+    mean of the batches done so far, or :func:`expected_unet_calls` before the first; with neither the
+    bar's postfix counts the batch's calls."""
+
+    def __init__(self, bar, meter, method=None, every: float = 0.5):
+        self.bar, self.meter, self.every = bar, meter, every
+        self.expected = expected_unet_calls(method) if method is not None else None
+        self.done_calls, self.done_rows = 0.0, 0
+        self.base, self.n, self.shown, self.calls = 0.0, 0, 0.0, 0
+        meter.listener = self.on_call
+
+    def start(self, n: int) -> None:
+        self.base, self.n, self.calls = float(self.bar.n), n, 0
+
+    def per_row(self):
+        counts = self.meter.counts.get("unet")
+        if counts is None:
+            return None
+        return (counts["forward"] + counts["backward"]).float()
+
+    def on_call(self, role: str, kind: str) -> None:
+        if role != "unet" or not self.n:
+            return
+        self.calls += 1
+        now = time.time()
+        if now - self.shown < self.every:
+            return
+        self.shown = now
+        expected = self.done_calls / self.done_rows if self.done_rows else self.expected
+        calls = self.per_row()
+        if expected and calls is not None:
+            self.bar.n = self.base + float((calls / expected).clamp(max=0.99).sum())
+            self.bar.refresh()
+        else:
+            self.bar.set_postfix_str(f"UNet calls in this batch: {self.calls}", refresh=True)
+
+    def finish(self, n: int | None = None) -> None:
+        """The batch is done: its samples count whole; their calls teach the estimate."""
+        calls = self.per_row()
+        if calls is not None and len(calls) and float(calls.sum()) > 0:
+            self.done_calls += float(calls.sum())
+            self.done_rows += len(calls)
+        self.bar.n = self.base + (self.n if n is None else n)
+        self.bar.refresh()
+        self.n = 0
+
+
+# Counterfactuals with one decimal while a batch runs (tqdm would print a float's every digit).
+BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from cfx_cli.errors import CfxError, Interrupted, UnreadableItem
 from cfx_cli.job.build import JobParts, check_settings, fit_defaults, resolve_device, shard_indices
-from cfx_cli.job.explain import explain_batch
+from cfx_cli.job.explain import BAR_FORMAT, BatchProgress, explain_batch
 from cfx_cli.job.identity import beyond, check_models
 from cfx_cli.metrics import suite
 from cfx_cli.metrics.cost import PeakMemory
@@ -197,8 +197,8 @@ def explain_all(cfg: DictConfig, parts: dict, writer: JobWriter, indices: list[i
     bs = int(cfg.batch_size)
     # delay: an error in the first batch (a bad target, say) prints its line without a bar before it
     bar = progress["bar"] = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.method.name}",
-                                 unit="cf", delay=1.0)
-    parts["meter"].listener = _step_progress(bar)
+                                 unit="cf", delay=1.0, bar_format=BAR_FORMAT)
+    steps = BatchProgress(bar, parts["meter"], parts["method"])  # the bar moves inside each batch too
     pending = []  # rows of unreadable items: written beside the next readable batch (same columns)
     for start in range(0, len(todo), bs):
         chunk = todo[start:start + bs]
@@ -209,6 +209,7 @@ def explain_all(cfg: DictConfig, parts: dict, writer: JobWriter, indices: list[i
             continue
         x = batch["x"].to(device)
         t0 = time.time()
+        steps.start(len(chunk))
         with PeakMemory(device) as peak:
             res = explain_batch(parts, x, batch["index"], cfg.seed, device, labels=batch.get("label"))
         seconds = (time.time() - t0) / len(x)
@@ -225,7 +226,7 @@ def explain_all(cfg: DictConfig, parts: dict, writer: JobWriter, indices: list[i
                 row.update({f"{k}_name": _name(classes, row[k]) for k in ("label", "target", "cf_pred")})
         rows += [{**dict.fromkeys(rows[0]), **r} for r in pending]
         writer.add(rows, images)
-        bar.update(len(chunk))
+        steps.finish()
         writer.status(written=len(indices) - len(todo) + start + len(chunk))
         pending = []
     if pending:  # the last chunks were all unreadable
@@ -327,25 +328,6 @@ def sanity(parts: dict, todo: list[int], batch_size: int, limit: int = 256) -> t
         info.update(model_mae=mae)
         lines.append(f"the regressor's MAE on {int(known.sum())} of the images to explain: {mae:.3f}")
     return info, lines
-
-
-def _step_progress(bar, every: float = 0.5):
-    """Inside a batch the bar moves with the UNet: its postfix counts the batch's calls (forward and
-    backward), redrawn at most every ``every`` seconds."""
-    state = {"calls": 0, "shown": 0.0, "n": None}
-
-    def listener(role: str, kind: str) -> None:
-        if role != "unet":
-            return
-        if state["n"] != bar.n:  # a new batch
-            state.update(calls=0, n=bar.n)
-        state["calls"] += 1
-        now = time.time()
-        if now - state["shown"] >= every:
-            state["shown"] = now
-            bar.set_postfix_str(f"UNet calls in this batch: {state['calls']}", refresh=True)
-
-    return listener
 
 
 def load_batch(dataset, chunk: list[int]):
