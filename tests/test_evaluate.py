@@ -352,3 +352,17 @@ def test_a_damaged_job_folder_is_refused_in_one_line_and_nothing_is_written(shar
     out, err = capsys.readouterr()
     assert "evaluating 5 of the 6 readable rows" in err and f"{gone}: 5 samples" in out, (out, err)
     assert "kid" in dict(pd.read_csv(gone / "metrics.csv").values)
+
+
+def test_a_read_only_job_folder_is_one_line(shards, tmp_path, capsys, monkeypatch):
+    import os
+
+    job = copy(shards[0], tmp_path / "job")
+    before = (job / "metrics.csv").read_bytes()
+    real = os.access  # (as root chmod cannot make a folder read-only: the permission is what os.access says)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(job) else real(p, mode, **kw))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(job), "metrics=[kid]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and f"{job}: cannot write in the job folder" in err[0], err
+    assert (job / "metrics.csv").read_bytes() == before

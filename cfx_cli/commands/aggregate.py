@@ -10,6 +10,7 @@ seed is flagged.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def out_folder(args) -> Path:
     except OSError as e:
         raise CfxError(f"{key} {out}: cannot make that folder ({e.strerror or e}); give --out a writable "
                        f"folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CfxError(f"{key} {out}: cannot write there (read-only or no permission); give --out a writable folder")
     return out
 
 

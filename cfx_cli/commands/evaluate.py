@@ -20,6 +20,7 @@ says how many it used.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def evaluate(job_dir: str | Path, ecfg: DictConfig, force: bool = False) -> dict
                        f"wrote (its hydra.run.dir)")
     names = suite.metric_names(ecfg)
     device = resolve_device(ecfg.device)
+    if not os.access(job, os.W_OK | os.X_OK):  # the lock and the metrics are written there
+        raise CfxError(f"{job}: cannot write in the job folder (read-only or no permission): cfx evaluate writes "
+                       f"its metrics there; copy the folder somewhere writable and evaluate the copy")
     with JobLock(job):
         samples = checked_samples(job, force)
         cfg = job_config(job)
