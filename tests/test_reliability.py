@@ -190,6 +190,11 @@ def _damaged_copies(tmp_path):
     sched = shutil.copytree(ZOO_DIR / "synthetic_ddpm", tmp_path / "badsched_ddpm")
     next(sched.rglob("scheduler_config.json")).write_text("[1, 2")
     cases[f"diffusion.path={sched}"] = "is not valid JSON"
+    pickled = shutil.copytree(ZOO_DIR / "synthetic_shape", tmp_path / "pickled_clf")  # torch.save under the name
+    from safetensors.torch import load_file
+    import torch
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "model.safetensors")
+    cases[f"classifier.path={pickled}"] = "cannot load model.safetensors"
     return cases
 
 
