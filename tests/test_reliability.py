@@ -191,9 +191,11 @@ def _damaged_copies(tmp_path):
     next(sched.rglob("scheduler_config.json")).write_text("[1, 2")
     cases[f"diffusion.path={sched}"] = "is not valid JSON"
     pickled = shutil.copytree(ZOO_DIR / "synthetic_shape", tmp_path / "pickled_clf")  # torch.save under the name
-    from safetensors.torch import load_file
     import torch
-    torch.save(load_file(pickled / "model.safetensors"), pickled / "model.safetensors")
+    from safetensors.torch import load
+
+    state = load((pickled / "model.safetensors").read_bytes())  # (not load_file: it maps the file it overwrites)
+    torch.save(state, pickled / "model.safetensors")
     cases[f"classifier.path={pickled}"] = "cannot load model.safetensors"
     return cases
 
