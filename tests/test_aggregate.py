@@ -264,7 +264,7 @@ def test_paper_table_lays_out_the_papers_columns_with_the_best_in_bold(tmp_path,
     assert row["DiME"][0] == "**11.00 ± 1.41**" and row["FastDiME"][0] == "21.00 ± 1.41"   # FID: lower is better
     assert row["FastDiME"][1] == "**0.600 ± 0.141**" and row["DiME"][1] == "0.300 ± 0.141"  # COUT: higher
     assert row["FastDiME"][2] == "**98.0 ± 1.4**" and row["DiME"][2] == "95.0 ± 7.1"        # flip rate, %
-    assert "No job has: sfid, fva, fs, mnac_successful, cd, sigma_l." in md
+    assert "No job has: sfid, fva, fs, mnac_successful, cd, real_flip_rate, adversarial_rate, sigma_l." in md
     # the regression paper's columns, with ACE named as its regression variant
     reg_header = [ln for ln in lines if ln.startswith("| Method")][1]
     assert "Success (%) ↑" in reg_header and "MAE ↓" in reg_header
@@ -273,6 +273,26 @@ def test_paper_table_lays_out_the_papers_columns_with_the_best_in_bold(tmp_path,
     assert r"FID $\downarrow$" in tex and r"\textbf{11.00 $\pm$ 1.41}" in tex and r"Flip rate (\%) $\uparrow$" in tex
     numeric = pd.read_csv(tmp_path / "paper_table.csv")
     assert set(numeric["task"]) == {"classification", "regression"} and "fid_mean" in numeric
+
+
+def test_real_and_adversarial_flips_in_both_tables(tmp_path, capsys):
+    """Jobs on the synthetic benchmark: the flip rate, and of it the real (oracle-confirmed) and adversarial
+    flips, in the default table and the papers' (in %, real higher is better, adversarial lower)."""
+    for method, seed, flip, real in (("dime", 0, 1.0, 0.5), ("dime", 1, 1.0, 0.75), ("fastdime", 0, 0.9, 0.9)):
+        make_job(tmp_path / f"{method}{seed}", method=method, seed=seed,
+                 metrics={"flip_rate": flip, "real_flip_rate": real, "adversarial_rate": flip - real})
+    df, out, err = run(capsys, tmp_path)
+    assert list(df.columns[:5]) == ["method", "n_jobs", "flip_rate", "real_flip_rate", "adversarial_rate"]
+    dime = df[df["method"] == "dime"].iloc[0]
+    assert dime["real_flip_rate"][0] == pytest.approx(0.625) and dime["adversarial_rate"][0] == pytest.approx(0.375)
+    run(capsys, tmp_path, "--table", "paper")
+    lines = (tmp_path / "paper_table.md").read_text().splitlines()
+    header = [c.strip() for c in next(ln for ln in lines if ln.startswith("| Method")).split("|")[1:-1]]
+    row = {ln.split("|")[1].strip(): dict(zip(header[1:], [c.strip() for c in ln.split("|")[2:-1]])) for ln in lines
+           if ln.startswith("| DiME") or ln.startswith("| FastDiME")}
+    # by hand: DiME real (50, 75) → 62.5 ± 17.7, adversarial (50, 25) → 37.5 ± 17.7; FastDiME 90 and 0
+    assert row["DiME"]["Real flips (%) ↑"] == "62.5 ± 17.7" and row["FastDiME"]["Real flips (%) ↑"] == "**90.0**"
+    assert row["DiME"]["Adversarial (%) ↓"] == "37.5 ± 17.7" and row["FastDiME"]["Adversarial (%) ↓"] == "**0.0**"
 
 
 def test_jobs_measured_with_other_end_metrics_are_one_row_not_a_mix(tmp_path, capsys):
