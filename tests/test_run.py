@@ -1,5 +1,6 @@
 """`cfx run` end to end: the job folder, resume after a kill, failed samples, clear errors."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,22 @@ def _rows(path):
         return len(read_samples(path))
     except Exception:
         return 0
+
+
+def test_progress_moves_inside_a_batch_with_an_eta(tmp_path):
+    """One batch of 4 (DiME, debug=fast): the bar shows fractions of counterfactuals while the batch runs,
+    never going back, with a time left; each sample's outcome is in samples.csv."""
+    proc = cfx("run", "debug=fast", "method=dime", run_dir(tmp_path))
+    states = re.findall(r"(\d+\.\d)/4 \[[\d:]+<([\d:?]+)", proc.stderr)
+    done = [float(n) for n, _ in states]
+    inside = sorted({n for n in done if 0 < n < 4})
+    assert len(inside) >= 3, f"the bar did not move inside the batch: {done}"
+    assert done == sorted(done) and done[-1] == 4.0
+    assert any(left != "?" for n, left in states if 0 < float(n) < 4)  # an ETA while the batch runs
+    s = pd.read_csv(tmp_path / "job" / "samples.csv")
+    expected = ["failed" if not ok else "real" if flip == 1 else "adversarial"
+                for ok, flip in zip(s["success"], s["oracle_flip"])]
+    assert list(s["outcome"]) == expected
 
 
 def test_a_killed_job_resumes_and_loses_nothing(tmp_path):
