@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 from torch import Tensor
+from tqdm import tqdm
 
 from cfx_cli.errors import CfxError, DamagedJob
 from cfx_cli.metrics.summary import finite, to_long
@@ -402,12 +403,16 @@ class Pairs:
         return len(self.index)
 
     def batches(self, batch_size: int, kind: str = "counterfactual"):
-        """(slice of the rows, originals, counterfactuals) for each batch: N×C×H×W in [-1, 1]."""
+        """(slice of the rows, originals, counterfactuals) for each batch: N×C×H×W in [-1, 1]. A metric over
+        many images shows a bar (images measured, ETA) once it has run 2 s."""
+        bar = tqdm(total=len(self.index), desc=f"metric over {kind}s", unit="img", leave=False, delay=2.0)
         for start in range(0, len(self.index), batch_size):
             sl = slice(start, min(start + batch_size, len(self.index)))
             pairs = list(zip(self.index[sl], self.folders[sl]))
             yield (sl, torch.stack([load_image(f / "original" / f"{i}.png") for i, f in pairs]),
                    torch.stack([load_image(f / kind / f"{i}.png") for i, f in pairs]))
+            bar.update(sl.stop - sl.start)
+        bar.close()
 
 
 def load_pairs(job, samples: pd.DataFrame | None = None) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
