@@ -352,9 +352,9 @@ def _headline(r: dict) -> str:
                        ("seconds_per_cf", "s/cf")):
         if key in m and np.isfinite(m[key]):
             parts.append(f"{label} {_num(m[key])}")
-    for key, label in (("real_flip_rate", "real"), ("adversarial_rate", "adversarial")):
-        if key in m and np.isfinite(m[key]):
-            parts.insert(1, f"{label} {_num(m[key])}")
+    extra = [f"{label} {_num(m[key])}" for key, label in (("real_flip_rate", "real"), ("adversarial_rate", "adversarial"))
+             if key in m and np.isfinite(m[key])]
+    parts[1:1] = extra  # after the flip rate
     if "nfe_unet" in m:
         parts.append(f"{_num(m['nfe_unet'] + m.get('nfe_unet_backward', 0.0))} UNet calls/cf")
     return " · ".join(parts)
