@@ -22,7 +22,7 @@ import yaml
 
 from cfx_cli.errors import CfxError
 from cfx_cli.metrics.summary import summarise
-from cfx_cli.outputs import Pairs, read_samples
+from cfx_cli.outputs import Pairs, damage, read_samples
 
 DEFAULT_METRICS = ["flip_rate", "success_rate", "real_flip_rate", "adversarial_rate", "mae_to_target",
                    "mae_to_target_before", "l1", "l2", "mnac",
@@ -74,6 +74,11 @@ def merge_shards(records: list[dict]) -> list[dict]:
                           f"shard{'s' if len(absent) > 1 else ''} {', '.join(map(str, absent))} "
                           f"{'failed or ' if failed else ''}missing" + (f"; {bad['error']}" if bad else ""))
             r["metrics"] = {}
+        elif (damaged := next((p for x in done for p in damage(x["job"], Path(x["job"], "images").is_dir())[0]),
+                              None)) is not None:
+            # its set-level metrics read every shard's images: a missing or unreadable one is named, not skipped
+            # (a folder without images/ at all gets no set-level values, and a warning, from merged_set_level)
+            r["state"], r["error"], r["metrics"] = "unreadable", damaged, {}
         else:
             r["state"], r["error"] = "done", None
             r["task"] = next((x["task"] for x in done if x.get("task")), None)

@@ -340,3 +340,22 @@ def test_out_naming_a_file_is_one_line(tmp_path):
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"cfx: error: --out {out}"), err
     assert (tmp_path / "table").read_text() == "a file"
+
+
+def test_a_shard_missing_a_counterfactual_image_is_named(tmp_path, capsys):
+    """A sharded job's set-level metrics read every shard's images: one deleted is named, not skipped."""
+    from PIL import Image
+
+    for shard, idx in ((0, [0, 2]), (1, [1, 3])):
+        folder = make_job(tmp_path / f"s{shard}", shard=shard, num_shards=2, samples=_samples(idx, 0.1),
+                          metrics={"flip_rate": 1.0})
+        for kind in ("original", "counterfactual"):
+            (folder / "images" / kind).mkdir(parents=True, exist_ok=True)
+            for i in idx:
+                Image.new("RGB", (4, 4)).save(folder / "images" / kind / f"{i}.png")
+    (tmp_path / "s1" / "images" / "counterfactual" / "3.png").unlink()
+    with pytest.raises(SystemExit) as exc:
+        aggregate.main([str(tmp_path), "--metrics", "flip_rate", "l1"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 1
+    assert re.search(r"unreadable .*s0,.*s1  \(.*s1/images/counterfactual/3.png is missing \(sample 3\)\)", out), out
