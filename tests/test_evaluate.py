@@ -366,3 +366,16 @@ def test_a_read_only_job_folder_is_one_line(shards, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and f"{job}: cannot write in the job folder" in err[0], err
     assert (job / "metrics.csv").read_bytes() == before
+
+
+def test_process_level_a_truncated_counterfactual_is_one_line_exit_1(shards, tmp_path):
+    """The console script in its own process on a torn counterfactual PNG: exit 1, one line, no traceback."""
+    job = copy(shards[0], tmp_path / "job")
+    png = job / "images" / "counterfactual" / "0.png"
+    png.write_bytes(png.read_bytes()[:30])
+    before = (job / "metrics.csv").read_bytes()
+    proc = cfx("evaluate", str(job), "metrics=[kid]", check=False, subprocess_=True)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(err) == 1, proc.stderr
+    assert err[0].startswith(f"cfx: error: {png} cannot be read (") and "(sample 0)" in err[0], err
+    assert (job / "metrics.csv").read_bytes() == before
