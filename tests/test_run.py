@@ -158,7 +158,7 @@ def test_a_nan_sample_is_marked_failed_and_the_job_goes_on(tmp_path, compose, mo
     ("method.tau=0", "method.tau=0 must lie in 1..50"),
     ("sampler.steps=5000", "sampler.steps=5000 must lie in 1..1000"),
     ("sampler=ddim", "method=fastdime guides the DDPM posterior mean"),
-    ("method.mask_start=20", "method.mask_start=20 must lie in 0..14"),
+    ("method.mask_start=30", "method.mask_start=30 must lie in 0..24"),
     ("method.mask_dilation=4", "method.mask_dilation=4 must be odd"),
     ("method.scales=[]", "method.scales is empty"),
     ("method.lambda_l1=nan", "method.lambda_l1=nan must be a finite number"),
