@@ -56,11 +56,18 @@ def test_regressor_alone_switches_the_task(compose):
     assert cfg.classifier is not None  # no need to unset it
     model, key = explained_model(cfg)
     assert key == "regressor" and model.task == "regression"
-    # Regression guidance scales come from conf/tuning_regressor, for either method.
-    assert cfg.method.scales[0] == 3000.0
-    assert compose(["regressor=synthetic_size", "method=dime"]).method.scales[0] == 1000.0
-    assert compose(["method=dime"]).method.scales[0] == 20.0  # conf/tuning/dime_synthetic_ddpm.yaml
-    assert compose(["regressor=synthetic_size", "diffusion=diffusers_ddpm", "diffusion.path=/tmp"]).method.scales[0] == 8.0
+    # Regression guidance scales come from conf/tuning_regressor, for either method; a user's own
+    # diffusion model has no tuning and keeps the method's paper scales.
+    def tuned(path):
+        return list(OmegaConf.load(CONF_DIR / path).method.scales)
+
+    assert list(cfg.method.scales) == tuned("tuning_regressor/fastdime_synthetic_ddpm_synthetic_size.yaml")
+    assert list(compose(["regressor=synthetic_size", "method=dime"]).method.scales) == \
+        tuned("tuning_regressor/dime_synthetic_ddpm_synthetic_size.yaml")
+    assert list(compose(["method=dime"]).method.scales) == tuned("tuning/dime_synthetic_ddpm.yaml")
+    assert tuned("tuning_regressor/dime_synthetic_ddpm_synthetic_size.yaml") != tuned("tuning/dime_synthetic_ddpm.yaml")
+    assert list(compose(["regressor=synthetic_size", "diffusion=diffusers_ddpm", "diffusion.path=/tmp"]).method.scales) \
+        == list(OmegaConf.load(CONF_DIR / "method/fastdime.yaml").method.scales)
 
 
 def test_method_configs_instantiate_their_classes(compose):

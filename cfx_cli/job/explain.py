@@ -106,10 +106,10 @@ class BatchProgress:
         expected = self.done_calls / self.done_rows if self.done_rows else self.expected
         calls = self.per_row()
         if expected and calls is not None:
-            self.bar.n = self.base + float((calls / expected).clamp(max=0.99).sum())
-            self.bar.refresh()
+            self.move_to(self.base + float((calls / expected).clamp(max=0.99).sum()))
         else:
-            self.bar.set_postfix_str(f"UNet calls in this batch: {self.calls}", refresh=True)
+            self.bar.set_postfix_str(f"UNet calls in this batch: {self.calls}", refresh=False)
+            self.bar.update(0)
 
     def finish(self, n: int | None = None) -> None:
         """The batch is done: its samples count whole; their calls teach the estimate."""
@@ -117,9 +117,13 @@ class BatchProgress:
         if calls is not None and len(calls) and float(calls.sum()) > 0:
             self.done_calls += float(calls.sum())
             self.done_rows += len(calls)
-        self.bar.n = self.base + (self.n if n is None else n)
-        self.bar.refresh()
+        self.move_to(self.base + (self.n if n is None else n))
         self.n = 0
+
+    def move_to(self, n: float) -> None:
+        # through update(), not n + refresh(): tqdm then knows it has drawn the bar (its delay passed), so that
+        # closing it on an error wipes the line and the error's one line stands alone
+        self.bar.update(n - self.bar.n)
 
 
 # Counterfactuals with one decimal while a batch runs (tqdm would print a float's every digit).
