@@ -3,12 +3,9 @@
 A config names a model by its path; a model retrained or copied over under the same path would make a resumed
 job explain its first rows with one model and the rest with another. At a job's first start the sha256 of
 every weight and config file that a config value names (the classifier or regressor, the robust model, the
-diffusion model, the factor oracle, perceptual weights: any existing file or folder in the job's config
-outside ``dataset.`` and ``data.``) is recorded in status.json (``model_files``); a resume compares it and
-refuses, in one line naming the file, when one changed.
-
-(``metrics.evaluate.*`` is not part of it: the job's end metrics are recomputed over every sample at its end,
-so they never mix two models.)
+diffusion model, the factor oracle, perceptual and metric weights: any existing file or folder in the job's
+config outside ``dataset.`` and ``data.``) is recorded in status.json (``model_files``); a resume compares it
+and refuses, in one line naming the file, when one changed.
 """
 from __future__ import annotations
 
@@ -93,14 +90,3 @@ def check_models(writer, config: dict, done: int) -> dict:
                            f"hydra.run.dir")
     return now
 
-
-def beyond(writer, done: set[int], n: int, num_images) -> str | None:
-    """A resume with fewer images than the folder holds (``dataset.num_images`` lowered, a folder dataset that
-    lost files) is refused, never narrowed: samples.csv and images/ would describe more samples than
-    status.json and metrics.csv. The message, or None."""
-    extra = sorted(i for i in done if i >= n)
-    if not extra:
-        return None
-    return (f"hydra.run.dir={writer.dir} holds {len(extra)} sample(s) beyond the dataset's {n} images (indices "
-            f"{extra[0]}..{extra[-1]}; dataset.num_images={num_images}): resume with dataset.num_images of at least "
-            f"{extra[-1] + 1} (a job folder is never narrowed), or run into a new hydra.run.dir")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cfx_cli.errors import CfxError, Interrupted, UnreadableItem
 from cfx_cli.job.build import JobParts, check_settings, fit_defaults, resolve_device, shard_indices
 from cfx_cli.job.explain import BAR_FORMAT, BatchProgress, explain_batch
-from cfx_cli.job.identity import beyond, check_models
+from cfx_cli.job.identity import check_models
 from cfx_cli.metrics import suite
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.metrics.sample import distances, outcomes
@@ -107,6 +107,18 @@ def check_resume(writer: JobWriter, config: dict) -> None:
     shown = ", ".join(f"{k}={previous.get(k)!r}->{config.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
     raise CfxError(f"hydra.run.dir={writer.dir} holds {len(done)} samples made with another config ({shown}): "
                    f"re-run with the same overrides to resume, or choose a new hydra.run.dir")
+
+
+def beyond(writer, done: set[int], n: int, num_images) -> str | None:
+    """A resume with fewer images than the folder holds (``dataset.num_images`` lowered, a folder dataset that
+    lost files) is refused, never narrowed: samples.csv and images/ would describe more samples than
+    status.json and metrics.csv. The message, or None."""
+    extra = sorted(i for i in done if i >= n)
+    if not extra:
+        return None
+    return (f"hydra.run.dir={writer.dir} holds {len(extra)} sample(s) beyond the dataset's {n} images (indices "
+            f"{extra[0]}..{extra[-1]}; dataset.num_images={num_images}): resume with dataset.num_images of at least "
+            f"{extra[-1] + 1} (a job folder is never narrowed), or run into a new hydra.run.dir")
 
 
 def check_items(writer: JobWriter, dataset) -> None:
