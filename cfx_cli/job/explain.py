@@ -64,12 +64,12 @@ def cost_columns(meter: CostMeter) -> dict:
 def expected_unet_calls(method) -> float | None:
     """UNet calls (forward + backward) one counterfactual takes with one strength, known beforehand for the
     methods whose loop is fixed (DiME: an unguided chain from each of its tau steps, tau·(tau+1)/2 calls;
-    FastDiME: tau); None for the others, whose estimate comes from the job's first batch."""
+    FastDiME and MaskDiME: tau); None for the others, whose estimate comes from the job's first batch."""
     tau = getattr(method, "tau", None)
     if not isinstance(tau, int):
         return None
     name = type(method).__name__
-    return {"DiME": tau * (tau + 1) / 2, "FastDiME": float(tau)}.get(name)
+    return {"DiME": tau * (tau + 1) / 2, "FastDiME": float(tau), "MaskDiME": float(tau)}.get(name)
 
 
 class BatchProgress:
