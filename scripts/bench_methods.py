@@ -133,7 +133,7 @@ def adm(batch=8, device="cpu", dtype=None, compile=False):
 
     from cfx_cli.models.generative import load_adm
     from cfx_cli.models.explained import ExplainedModel
-    from cfx_cli.models.torchvision_arch import densenet121
+    from torchvision.models import densenet121
 
     device = torch.device(device)
     fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "adm"
@@ -170,7 +170,7 @@ def adm128(batch=16, device="cuda", dtype=None, methods="fastdime,dime"):
     from cfx_cli.models.adm import ADMUNet
     from cfx_cli.models.explained import ExplainedModel
     from cfx_cli.models.generative import PixelDiffusion
-    from cfx_cli.models.torchvision_arch import densenet121
+    from torchvision.models import densenet121
 
     device = torch.device(device)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cfx_cli.models.perceptual import vgg19_features
-from cfx_cli.models.torchvision_arch import densenet121
+from torchvision.models import densenet121
 from cfx_cli.outputs import read_samples
 from test_celeba import write_celeba
 

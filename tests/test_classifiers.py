@@ -1,19 +1,19 @@
-"""Released explained-model formats: architectures against the published key lists, files written in each
-released layout loaded back through the loaders, pickles that need code refused, one-line errors."""
+"""Released explained-model formats: torchvision's architectures against the published key lists, files
+written in each released layout loaded back through the loaders, pickles that need code refused, one-line
+errors."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torchvision import models as tvm
 
 from cfx_cli.errors import CfxError
-from cfx_cli.models import torchvision_arch as tva
 from cfx_cli.models.classifiers import (DimeOracleNet, celeba_densenet, dime_oracle, read_layout,
-                                        torchvision_classifier)
+                                        torchvision_classifier, torchvision_model)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -67,22 +67,36 @@ def x_in(n=2, size=128, seed=1):
 
 # --------------------------------------------------------------------------- architectures vs key lists
 def test_resnet50_matches_dvce_and_madry_key_lists():
-    net = tva.resnet50()
+    with torch.device("meta"):
+        net = torchvision_model("resnet50")
+    assert type(net) is tvm.ResNet  # torchvision's own network, not a copy
     assert shapes(net) == released("keys_dvce_madryft_resnet50.json")["keys"]
     madry = released("keys_madry_robustness_resnet50.json")["keys"]
     for p in ("module.model.", "module.attacker.model."):
         assert shapes(net, p) == {k: v for k, v in madry.items() if k.startswith(p)}
-    assert sum(p.numel() for p in net.parameters()) == 25557032
 
 
-def test_torchvision_parameter_counts_and_names():
-    # the counts torchvision documents for these models
-    for arch, n in (("resnet18", 11689512), ("resnet34", 21797672), ("densenet121", 7978856)):
-        assert sum(p.numel() for p in tva.build(arch).parameters()) == n, arch
-    d = tva.densenet121().state_dict()
-    assert "features.denseblock1.denselayer1.norm1.weight" in d and "features.transition3.conv.weight" in d
-    assert "layer1.0.downsample.0.weight" not in tva.resnet18().state_dict()  # first BasicBlock stage has none
-    assert "layer2.0.downsample.1.running_var" in tva.resnet18().state_dict()
+def test_densenet121_matches_steex_key_list():
+    with torch.device("meta"):
+        net = torchvision_model("densenet121", 3)
+    assert type(net) is tvm.DenseNet
+    steex = released("keys_steex_decision_densenet121_celebamaskhq.json")["keys"]
+    assert shapes(net) == {k.replace("feat_extract.feat_extract.", ""): v for k, v in steex.items()}
+
+
+def test_any_torchvision_classification_arch_and_one_line_refusal(tmp_path):
+    ref = randomize(torchvision_model("mobilenet_v3_small", 7), seed=2)  # no cfx code for this one
+    save_file(ref.state_dict(), str(tmp_path / "m.safetensors"))
+    model = torchvision_classifier("mobilenet_v3_small", str(tmp_path / "m.safetensors"), num_classes=7,
+                                   input_size=None)
+    assert type(model.net) is tvm.MobileNetV3
+    x = x_in(1, 64)
+    torch.testing.assert_close(model(x), ref(((x + 1) / 2 - MEAN) / STD), rtol=0, atol=0)
+    for arch in ("vgg17", "fcn_resnet50"):  # unknown; a segmentation model, not a classifier
+        with pytest.raises(CfxError, match=rf"^classifier\.arch='{arch}' is not a torchvision classification "
+                                           r"architecture .*list_models") as e:
+            torchvision_classifier(arch, str(tmp_path / "m.safetensors"))
+        assert "\n" not in str(e.value)
 
 
 def test_dime_oracle_matches_key_list():
@@ -92,15 +106,9 @@ def test_dime_oracle_matches_key_list():
     assert sum(p.numel() for p in net.parameters()) == meta["param_count"]
 
 
-def test_build_other_arch_needs_torchvision(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as without torchvision
-    with pytest.raises(CfxError, match=r"classifier.arch=vgg16 is not built into cfx .*torchvision"):
-        tva.build("vgg16", 10)
-
-
 # ------------------------------------------------------------------------------ DiME/ACE CelebA classifier
 def test_celeba_densenet_released_layout(tmp_path):
-    ref = randomize(tva.densenet121(40))
+    ref = randomize(torchvision_model("densenet121", 40))
     sd = ref.state_dict()
     # DiME's classifier.pth: {'feat_extract': DenseNet121 wrapper (feat_extract = torchvision densenet,
     # classifier Identity), 'classifier': Linear(1024, 40)}
@@ -129,7 +137,7 @@ def test_celeba_densenet_reads_steex_released_keys(tmp_path):
     torch.save({"epoch": 4, "loss": 0.1, "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(3)}}},
                 "model_state_dict": w}, tmp_path / "checkpoint.tar")
     model = celeba_densenet(str(tmp_path / "checkpoint.tar"), num_classes=3, input_size=64)  # 256 in STEEX
-    ref = tva.densenet121(3)
+    ref = torchvision_model("densenet121", 3)
     ref.load_state_dict({k.replace("feat_extract.feat_extract.", ""): v for k, v in w.items()})
     x = x_in(1, 64)
     torch.testing.assert_close(model(x), ref.eval()(x), rtol=0, atol=0)
@@ -137,7 +145,7 @@ def test_celeba_densenet_reads_steex_released_keys(tmp_path):
 
 def test_celeba_layouts_read_the_same(tmp_path):
     """DiME's nesting, a 'features' state dict under feat_extract, flat torchvision, DataParallel."""
-    net = tva.densenet121(40)
+    net = torchvision_model("densenet121", 40)
     sd = net.state_dict()
     feats = {k: v for k, v in sd.items() if k.startswith("features.")}
     head = {"weight": sd["classifier.weight"], "bias": sd["classifier.bias"]}
@@ -158,7 +166,8 @@ def test_celeba_layouts_read_the_same(tmp_path):
 
 def test_gradients_reach_the_input():
     """Counterfactual methods differentiate the explained model w.r.t. its input."""
-    for net, size in ((tva.densenet121(4), 32), (tva.resnet18(4), 32), (tva.resnet50(4), 32)):
+    for arch in ("densenet121", "resnet18", "resnet50"):
+        net, size = torchvision_model(arch, 4), 32
         x = torch.zeros(1, 3, size, size, requires_grad=True)
         net.eval()(x).sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -196,7 +205,7 @@ def test_dime_oracle_preprocessing_is_the_public_codes():
 
 # --------------------------------------------------------------------------------- torchvision files
 def test_torchvision_module_prefix_temperature_and_normalisation(tmp_path):
-    ref = randomize(tva.resnet18(10), seed=5)
+    ref = randomize(torchvision_model("resnet18", 10), seed=5)
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}},
                tmp_path / "r18.pt")
     # (input 48 -> 40 here; DVCE: 256 -> 224)
@@ -228,7 +237,7 @@ def test_torchvision_madry_robustness_layout(tmp_path):
     assert set(sd) == set(keys)
     torch.save({"model": sd, "optimizer": {"state": {}}, "schedule": None, "epoch": 90}, tmp_path / "madry.pt")
     model = torchvision_classifier("resnet50", str(tmp_path / "madry.pt"), input_size=None)
-    ref = tva.resnet50()
+    ref = torchvision_model("resnet50")
     ref.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in inner.items()})
     x = x_in(1, 64)
     torch.testing.assert_close(model(x), ref.eval()(((x + 1) / 2 - MEAN) / STD), rtol=0, atol=0)
@@ -268,7 +277,7 @@ def test_wrong_format_is_one_line(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("classifier.path=") and "DenseNet-121" in msg
     assert "keys missing (first: features.conv0.weight)" in msg and "unexpected (first: feat_extract." in msg
-    sd = tva.densenet121(40).state_dict()
+    sd = torchvision_model("densenet121", 40).state_dict()
     sd["classifier.weight"] = torch.zeros(40, 128)  # the features right, the oracle's head
     save_file(sd, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CfxError, match=r"classifier.weight has shape \[40, 128\], expected \[40, 1024\]"):
@@ -293,7 +302,7 @@ def test_missing_file_names_key_and_path(tmp_path):
 
 
 def test_read_layout_num_batches_tracked_optional(tmp_path):
-    net = tva.resnet18(4)
+    net = torchvision_model("resnet18", 4)
     save_file({k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")},
               str(tmp_path / "caffe_like.safetensors"))
     state = read_layout(tmp_path / "caffe_like.safetensors", net, "resnet18")
@@ -304,12 +313,12 @@ def test_read_layout_num_batches_tracked_optional(tmp_path):
 def test_classifier_configs_instantiate(tmp_path, compose):
     from hydra.utils import instantiate
 
-    ref = randomize(tva.densenet121(40))
+    ref = randomize(torchvision_model("densenet121", 40))
     save_file(ref.state_dict(), str(tmp_path / "c.safetensors"))
     cfg = compose(["classifier=celeba_densenet", f"classifier.path={tmp_path / 'c.safetensors'}"])
     model = instantiate(cfg.classifier)
     assert model.head == "sigmoid" and model.input_size == 128 and model(x_in(1, 32)).shape == (1, 40)
-    save_file(randomize(tva.resnet18(5)).state_dict(), str(tmp_path / "r.safetensors"))
+    save_file(randomize(torchvision_model("resnet18", 5)).state_dict(), str(tmp_path / "r.safetensors"))
     cfg = compose(["classifier=torchvision", "classifier.arch=resnet18", "classifier.num_classes=5",
                    f"classifier.path={tmp_path / 'r.safetensors'}"])
     assert instantiate(cfg.classifier)(x_in(1, 64)).shape == (1, 5)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cfx_cli.data.imagenet import ImageNetDataset, load_classes, resize_center_crop
 from cfx_cli.errors import CfxError
-from cfx_cli.models import torchvision_arch as tva
+from torchvision import models as tvm
 from cfx_cli.objectives import ClassificationObjective, build_objective, load_target_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def test_wordnet_distance_of_the_build_script(tmp_path):
 
 # ------------------------------------------------------------------------------------------ model configs
 def random_resnet50(seed=0):
-    net = tva.resnet50()
+    net = tvm.resnet50()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for k, v in net.state_dict().items():
@@ -326,6 +326,8 @@ def compose_robust(compose, overrides):
 def test_model_configs_instantiate_on_released_layouts(resnet_files, compose):
     from hydra.utils import instantiate
 
+    from cfx_cli.job.build import build_node  # tells the loader which key named its file (<group>.path)
+
     net, tmp = resnet_files
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1  # the dataset's 256 image
     z = F.interpolate(((x + 1) / 2 - MEAN) / STD, size=(224, 224), mode="bicubic", align_corners=False)
@@ -333,26 +335,26 @@ def test_model_configs_instantiate_on_released_layouts(resnet_files, compose):
         logits = net(z)
 
     cfg = compose(["classifier=dvce_madryft", f"classifier.path={tmp / 'madryft.pt'}"])
-    assert cfg.classifier.temperature == DVCE_T and cfg.classifier.key == "classifier.path"
-    model = instantiate(cfg.classifier)
+    assert cfg.classifier.temperature == DVCE_T
+    model = build_node(cfg.classifier, "classifier")
     assert model.num_classes == 1000 and model.head == "softmax" and model.info["interpolation"] == "bicubic"
     with torch.no_grad():
         torch.testing.assert_close(model(x), logits / DVCE_T, rtol=1e-4, atol=1e-4)
 
     cfg = compose_robust(compose, [f"robust_model.path={tmp / 'imagenet_l2_3_0.pt'}"])
-    assert cfg.robust_model.key == "robust_model.path" and cfg.robust_model.temperature is None
-    robust = instantiate(cfg.robust_model)
+    assert cfg.robust_model.temperature is None
+    robust = build_node(cfg.robust_model, "robust_model")
     with torch.no_grad():
         torch.testing.assert_close(robust(x), logits, rtol=1e-4, atol=1e-4)
 
     # the cone's robust model as DVCE's scripts pick it: Madry+FT, with its temperature
     cfg = compose(["robust_model=dvce_madryft", f"robust_model.path={tmp / 'madryft.pt'}"])
-    assert cfg.robust_model.key == "robust_model.path"
     with torch.no_grad():
-        torch.testing.assert_close(instantiate(cfg.robust_model)(x), logits / DVCE_T, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(build_node(cfg.robust_model, "robust_model")(x), logits / DVCE_T, rtol=1e-4,
+                                   atol=1e-4)
 
     with pytest.raises(Exception) as e:  # Hydra wraps the loader's CfxError
-        instantiate(compose_robust(compose, [f"robust_model.path={tmp / 'nope.pt'}"]).robust_model)
+        build_node(compose_robust(compose, [f"robust_model.path={tmp / 'nope.pt'}"]).robust_model, "robust_model")
     cause = e.value.__cause__ or e.value
     assert isinstance(cause, CfxError) and str(cause).startswith("robust_model.path=")
     assert "nope.pt does not exist" in str(cause) and "\n" not in str(cause)

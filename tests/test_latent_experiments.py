@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from cfx_cli.models.diffae_beatgans import FFHQ256_AUTOENC
-from cfx_cli.models.torchvision_arch import densenet121
+from torchvision.models import densenet121
 from cfx_cli.outputs import read_samples
 from test_celeba_experiments import FIXTURES as ADM_FIXTURES, tiny_adm_overrides
 from test_celebahq import write_celebahq

@@ -58,14 +58,28 @@ def test_untrusted_pickle_is_never_executed(tmp_path, capsys):
 
 
 def test_vgg_perceptual_loads_torchvision_layout(tmp_path):
-    feats = vgg19_features(37)  # the whole torchvision `features` block
+    from torchvision.models import vgg19
+
+    torch.manual_seed(0)
+    feats = vgg19(weights=None).features  # the whole torchvision `features` block, as the released file has it
     save_file({f"features.{k}": v for k, v in feats.state_dict().items()}, str(tmp_path / "vgg19.safetensors"))
     perc = VGGPerceptual(str(tmp_path / "vgg19.safetensors"))
+    assert [type(m) for m in perc.features] == [type(m) for m in vgg19_features(18, device="meta")]
     x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():  # DiME: MSE of VGG19 features[:18] (relu3_4) of the ImageNet-normalised [0, 1] images
+        fx, fy = feats[:18](((x + 1) / 2 - mean) / std), feats[:18](((y + 1) / 2 - mean) / std)
+    torch.testing.assert_close(perc(x, y), (fx - fy).pow(2).mean(dim=(1, 2, 3)))
     assert torch.allclose(perc(x, x), torch.zeros(2))
-    assert (perc(x, -x) > 0).all()
-    with pytest.raises(CfxError, match="method.perceptual.weights is null"):
+    with pytest.raises(CfxError, match="method.perceptual_weights is null"):
         VGGPerceptual(None)
+    bad = {f"features.{k}": v for k, v in feats.state_dict().items()}
+    bad["features.5.weight"] = torch.zeros(128, 32, 3, 3)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CfxError, match=r"method.perceptual_weights=.*bad.safetensors: features.5.weight has shape "
+                                       r"\[128, 32, 3, 3\], expected \[128, 64, 3, 3\]"):
+        VGGPerceptual(str(tmp_path / "bad.safetensors"))
 
 
 def test_compile_option_wraps_the_network_lazily(tmp_path):

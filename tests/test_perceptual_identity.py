@@ -1,25 +1,27 @@
-"""LPIPS / σ_L (cfx_cli.metrics.perceptual) and FVA / FS / S3 (cfx_cli.metrics.identity) against values
-computed independently: numpy chains, functional re-implementations, hand-made weight files in the released
-layouts. No download, no torchvision; the real-size ResNet-50 files are written to tmp and deleted.
+"""LPIPS / σ_L (cfx_cli.metrics.perceptual: the lpips package) and FVA / FS / S3 (cfx_cli.metrics.identity:
+torchvision's ResNet-50) against values computed independently: numpy chains, functional re-implementations,
+hand-made weight files in the released layouts. No download; the real-size weight files are written to tmp and
+deleted.
 
 Fixture: tests/fixtures/metrics/keys_vggface2_resnet50_ft_pkl.json, the key/shape list of the VGGFace2
 ``resnet50_ft_weight.pkl`` (tests/fixtures/metrics/: a copy of the project's shared key list, made from the authors' code)."""
 from __future__ import annotations
 
-import importlib
+import copy
 import json
 import os
 import pickle
 import struct
-import sys
 from pathlib import Path
 
+import lpips
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision import models as tvm
 
 import cfx_cli
 from cfx_cli.errors import CfxError
@@ -51,7 +53,7 @@ def _one_line_missing(fn, *needles):
 
 # ================================================================================================= LPIPS
 def _tiny_lpips(learned=True, seed=0):
-    """Two 1×1-conv + ReLU stages (taps after each ReLU) and hand-set lin weights."""
+    """The lpips package's LPIPS on two 1×1-conv + ReLU stages (taps after each ReLU), hand-set lin weights."""
     g = torch.Generator().manual_seed(seed)
     feats = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.ReLU())
     with torch.no_grad():
@@ -59,11 +61,11 @@ def _tiny_lpips(learned=True, seed=0):
             if isinstance(m, nn.Conv2d):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    model = P.LPIPS(P.TapFeatures(feats, (1, 3)), (4, 5), learned=learned, scaling=True)
+    model = P.lpips_on(P.TapFeatures(feats, (1, 3)), (4, 5), learned=learned, scaling=True)
     if learned:
         with torch.no_grad():
-            model.lin[0].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 4, 1, 1))
-            model.lin[1].weight.copy_(torch.tensor([0.5, 0.0, 1.0, 0.25, 0.75]).view(1, 5, 1, 1))
+            model.lin[0].model[1].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 4, 1, 1))
+            model.lin[1].model[1].weight.copy_(torch.tensor([0.5, 0.0, 1.0, 0.25, 0.75]).view(1, 5, 1, 1))
     return model
 
 
@@ -71,7 +73,7 @@ def _numpy_lpips(model, x, y):
     """The lpips chain in float64 numpy, from the tiny model's raw weights."""
     shift = np.array([-0.030, -0.088, -0.188]).reshape(1, 3, 1, 1)
     scale = np.array([0.458, 0.448, 0.450]).reshape(1, 3, 1, 1)
-    convs = [m for m in model.net.features if isinstance(m, nn.Conv2d)]
+    convs = [m for m in model.model.net.features if isinstance(m, nn.Conv2d)]
 
     def taps(img):
         h = (np.repeat(img, 3, axis=1) if img.shape[1] == 1 else img)
@@ -90,7 +92,7 @@ def _numpy_lpips(model, x, y):
         b = b / (np.sqrt((b ** 2).sum(1, keepdims=True)) + 1e-10)
         d = (a - b) ** 2
         if model.lin is not None:
-            w = model.lin[k].weight.detach().double().numpy().reshape(1, -1, 1, 1)
+            w = model.lin[k].model[1].weight.detach().double().numpy().reshape(1, -1, 1, 1)
             d = (d * w).sum(1)
         else:
             d = d.sum(1)
@@ -102,6 +104,7 @@ def _numpy_lpips(model, x, y):
 @pytest.mark.parametrize("channels", [3, 1])
 def test_lpips_formula_matches_a_numpy_computation(learned, channels):
     model = _tiny_lpips(learned)
+    assert type(model.model) is lpips.LPIPS  # the package's forward computes it
     x, y = _images(3, channels, 8, seed=1), _images(3, channels, 8, seed=2)
     got = model(x, y).double().numpy()
     want = _numpy_lpips(model, x, y)
@@ -139,23 +142,48 @@ for _i, _cin, _cout in _VGG16_CONVS:
     TORCHVISION_VGG16_FEATURES[f"features.{_i}.bias"] = (_cout,)
 
 
-@pytest.mark.parametrize("name,make,taps,channels,expected,size,spatial", [
-    ("alex", P.alexnet_features, (1, 4, 7, 9, 11), (64, 192, 384, 256, 256), TORCHVISION_ALEXNET_FEATURES, 64,
-     (15, 7, 3, 3, 3)),
-    ("vgg", P.vgg16_features, (3, 8, 15, 22, 29), (64, 128, 256, 512, 512), TORCHVISION_VGG16_FEATURES, 32,
-     (32, 16, 8, 4, 2)),
+@pytest.mark.parametrize("name,channels,expected,size,spatial", [
+    ("alex", (64, 192, 384, 256, 256), TORCHVISION_ALEXNET_FEATURES, 64, (15, 7, 3, 3, 3)),
+    ("vgg", (64, 128, 256, 512, 512), TORCHVISION_VGG16_FEATURES, 32, (32, 16, 8, 4, 2)),
 ])
-def test_backbones_have_torchvision_key_layout_and_lpips_taps(name, make, taps, channels, expected, size, spatial):
-    with torch.device("meta"):
-        backbone = P.TapFeatures(make(), taps)
-        outs = backbone(torch.zeros(1, 3, size, size))
-    got = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+def test_package_backbones_read_torchvision_features_and_tap_lpips_layers(name, channels, expected, size, spatial):
+    """The lpips package's backbone (built without a download) takes exactly torchvision's features.N keys, and
+    its 5 taps have the channels and sizes of LPIPS's relu layers."""
+    model = P._package_model(name, learned=True)
+    net = model.net
+    assert type(net) is {"alex": lpips.pretrained_networks.alexnet, "vgg": lpips.pretrained_networks.vgg16}[name]
+    got = {}
+    for k, v in net.state_dict().items():
+        _, idx, param = k.split(".")  # sliceK.N.weight
+        got[f"features.{idx}.{param}"] = tuple(v.shape)
     assert got == expected
-    assert len(backbone.features) == (13 if name == "alex" else 31)
-    for t, c in zip(taps, channels):  # each tap is the ReLU right after a conv with c outputs
-        assert isinstance(backbone.features[t], nn.ReLU)
-        assert isinstance(backbone.features[t - 1], nn.Conv2d) and backbone.features[t - 1].out_channels == c
+    outs = net(torch.zeros(1, 3, size, size, device="meta"))
     assert [tuple(o.shape) for o in outs] == [(1, c, s, s) for c, s in zip(channels, spatial)]
+    assert list(model.chns) == list(channels)
+
+
+def _reference_lpips(features: nn.Sequential, taps, lins, x, y):
+    """LPIPS v0.1 in float64 from a torchvision ``features`` stack (run layer by layer, taps after the ReLUs
+    ``taps``) and lin weights: ScalingLayer, unit-normalise, squared difference, lin, spatial mean, sum."""
+    feats = [m.double() for m in copy.deepcopy(features)]
+    shift = torch.tensor([-0.030, -0.088, -0.188], dtype=torch.float64).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450], dtype=torch.float64).view(1, 3, 1, 1)
+
+    def tapped(img):
+        h, out = (img.double() - shift) / scale, []
+        for i, layer in enumerate(feats[:max(taps) + 1]):
+            h = layer(h).clone()
+            if i in taps:
+                out.append(h)
+        return out
+
+    total = torch.zeros(len(x), dtype=torch.float64)
+    with torch.no_grad():
+        for a, b, w in zip(tapped(x), tapped(y), lins):
+            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total += ((a - b).pow(2) * w.double().view(1, -1, 1, 1)).sum(1).mean(dim=(1, 2))
+    return total.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +192,11 @@ def alex_files(tmp_path_factory):
     weights in the lpips package's layout (lin{k}.model.1.weight, 1×C×1×1)."""
     d = tmp_path_factory.mktemp("lpips")
     torch.manual_seed(0)
-    feats = P.alexnet_features()
+    feats = tvm.alexnet(weights=None).features
     state = {f"features.{k}": v for k, v in feats.state_dict().items()}
     state["classifier.1.weight"] = torch.zeros(3, 5)
     torch.save(state, d / "alexnet-owt-7be5be79.pth")
-    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(P.ALEX_CHANNELS)}
+    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 192, 384, 256, 256))}
     torch.save(lins, d / "alex.pth")
     return d / "alexnet-owt-7be5be79.pth", d / "alex.pth", state, lins
 
@@ -176,37 +204,52 @@ def alex_files(tmp_path_factory):
 def test_build_lpips_loads_backbone_and_lin_weights_from_files(alex_files):
     bb, lin, state, lins = alex_files
     model = P.build_lpips("alex", backbone_weights=str(bb), lin_weights=str(lin))
-    for k, v in model.net.features.state_dict().items():
-        assert torch.equal(v, state[f"features.{k}"])
+    assert type(model.model) is lpips.LPIPS and model.model.pnet_rand  # the package runs, its net not downloaded
+    for k, v in model.model.net.state_dict().items():  # net.slice2.3.weight <- features.3.weight
+        _, idx, param = k.split(".")
+        assert torch.equal(v, state[f"features.{idx}.{param}"])
     for k in range(5):
-        assert torch.equal(model.lin[k].weight, lins[f"lin{k}.model.1.weight"])
+        assert torch.equal(model.lin[k].model[1].weight, lins[f"lin{k}.model.1.weight"])
+        assert model.model.lins[k] is getattr(model.model, f"lin{k}")
+    assert not any(t.is_meta for t in model.state_dict().values())
     x, y = _images(2, 3, 64, seed=5), _images(2, 3, 64, seed=6)
     d = P.lpips_distance(model, x, y)
     assert d.shape == (2,) and np.all(np.isfinite(d)) and np.all(d > 0)
+    feats = tvm.alexnet(weights=None).features
+    feats.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+    want = _reference_lpips(feats, (1, 4, 7, 9, 11), [lins[f"lin{k}.model.1.weight"] for k in range(5)], x, y)
+    np.testing.assert_allclose(d, want, rtol=1e-5)
     np.testing.assert_array_equal(P.lpips_distance(model, x, x), np.zeros(2))
 
     bad = bb.parent / "bad_lin.pth"
     torch.save({**lins, "lin2.model.1.weight": torch.rand(1, 7, 1, 1)}, bad)
     with pytest.raises(CfxError, match=r"lpips\.lin_weights=.*lin2\.model\.1\.weight has shape \[1, 7, 1, 1\]"):
         P.build_lpips("alex", backbone_weights=str(bb), lin_weights=str(bad))
+    small = bb.parent / "not_alexnet.pth"
+    torch.save({**state, "features.3.weight": torch.zeros(192, 64, 3, 3)}, small)
+    with pytest.raises(CfxError, match=r"lpips\.backbone_weights=.*features\.3\.weight has shape \[192, 64, 3, 3\], "
+                                       r"expected \[192, 64, 5, 5\]"):
+        P.build_lpips("alex", backbone_weights=str(small), lin_weights=str(lin))
 
 
-def test_lin_weights_found_in_an_installed_lpips_package_without_importing_it(alex_files, tmp_path, monkeypatch):
-    bb, lin, _, lins = alex_files
-    pkg = tmp_path / "site" / "lpips"
-    (pkg / "weights" / "v0.1").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("raise RuntimeError('lpips must not be imported: it imports torchvision')\n")
-    (pkg / "weights" / "v0.1" / "alex.pth").write_bytes(Path(lin).read_bytes())
-    monkeypatch.delitem(sys.modules, "lpips", raising=False)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    importlib.invalidate_caches()
-    assert P.find_lin_weights("alex") == pkg / "weights" / "v0.1" / "alex.pth"
-    model = P.build_lpips("alex", backbone_weights=str(bb), lin_weights=None)
-    assert "lpips" not in sys.modules
-    assert torch.equal(model.lin[4].weight, lins["lin4.model.1.weight"])
-    # no lpips package (and no path): one line naming the key
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    _one_line_missing(lambda: P.build_lpips("alex", backbone_weights=str(bb)), "lpips.lin_weights=None", "v0.1/alex.pth")
+def test_vgg_lpips_uses_the_lin_weights_shipped_in_the_lpips_package(tmp_path):
+    """σ_L's net: lin_weights=None reads lpips/weights/v0.1/vgg.pth, the file the package itself loads."""
+    shipped = P.package_lin_weights("vgg")
+    assert shipped == Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth" and shipped.is_file()
+    ref = torch.load(shipped, map_location="cpu", weights_only=True)
+    torch.manual_seed(1)
+    feats = tvm.vgg16(weights=None).features  # features only: the classifier keys are not needed
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "vgg16-397923af.pth")
+    try:
+        model = P.build_lpips("vgg", backbone_weights=str(tmp_path / "vgg16-397923af.pth"))
+    finally:
+        (tmp_path / "vgg16-397923af.pth").unlink()
+    lins = [ref[f"lin{k}.model.1.weight"] for k in range(5)]
+    for k in range(5):
+        assert torch.equal(model.lin[k].model[1].weight, lins[k])
+    x, y = _images(2, 3, 32, seed=12), _images(2, 3, 32, seed=13)
+    want = _reference_lpips(feats, (3, 8, 15, 22, 29), lins, x, y)
+    np.testing.assert_allclose(P.lpips_distance(model, x, y), want, rtol=1e-5)
 
 
 def test_missing_weights_name_the_key_in_one_line(alex_files, tmp_path):
@@ -229,6 +272,7 @@ def test_oracle_lpips_is_the_uniform_weight_chain_on_the_oracle_conv_stages():
     from cfx_cli.models.small_cnn import zoo_oracle
 
     model = P.build_lpips("oracle", oracle=str(ORACLE))
+    assert type(model.model) is lpips.LPIPS and not model.model.lpips  # the package's uniform-weight baseline
     trunk = zoo_oracle(str(ORACLE)).trunk
     x, y = _images(2, 1, 32, seed=7), _images(2, 1, 32, seed=8)  # grey images are repeated to RGB
 
@@ -419,8 +463,10 @@ def test_face_verifier_from_the_released_pickle_layout_matches_a_functional_refe
         net = I.build_face_verifier(str(path))
     finally:
         path.unlink()
+    assert isinstance(net.net, tvm.ResNet) and isinstance(net.net.fc, nn.Identity)  # the 8631-way fc is unused
     for k, v in sd.items():
-        assert torch.equal(net.net.state_dict()[k], v)
+        if not k.startswith("fc."):
+            assert torch.equal(net.net.state_dict()[k], v)
 
     x = _images(2, 3, 64, seed=9)
     y = x.clone()
@@ -505,7 +551,7 @@ def test_s3_is_the_cosine_of_simsiam_projector_outputs(tmp_path):
 
     def z(img):  # 8-bit image /255, ImageNet normalisation, ResNet-50 pool, then the projector by hand
         pre = (((img + 1) * 127.5).round() / 255 - mean) / std
-        h = net.encoder.forward_features(pre)
+        h = torch.flatten(net.encoder.avgpool(nn.Sequential(*list(net.encoder.children())[:-2])(pre)), 1)
         for lin, norm in (("0", "1"), ("3", "4")):
             h = F.linear(h, sd[f"encoder.fc.{lin}.weight"])
             h = F.relu(F.batch_norm(h, sd[f"encoder.fc.{norm}.running_mean"], sd[f"encoder.fc.{norm}.running_var"],

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cfx_cli.models.classifiers import celeba_densenet, dcfir_regressor
-from cfx_cli.models.torchvision_arch import build, densenet121
+from torchvision.models import densenet121, resnet18
 from cfx_cli.objectives import build_objective
 
 FIX = Path(__file__).parent / "fixtures" / "checkpoints"
@@ -52,7 +52,7 @@ def test_age_regressor_densenet(tmp_path, monkeypatch):
 
 def test_squares_regressor_resnet18(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    net = build("resnet18", num_classes=1)
+    net = resnet18(num_classes=1)
     net.conv1 = torch.nn.Conv2d(3, 64, 4, 1, 2, bias=False)
     net.eval()
     state = {f"model.{k}": v for k, v in net.state_dict().items()}

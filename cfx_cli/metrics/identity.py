@@ -40,8 +40,10 @@ S3 (ACE ``compute_SimSiamSimilarity.py``, network in ``eval_utils/simsiam.py``):
 
 Here images come as [-1, 1] RGB tensors (1-channel images are repeated to 3); both networks first quantise
 them to 8 bits (rounding, as cfx saves its PNGs; ACE's saver truncates) so that the value matches the one
-computed from the saved files. The bilinear resize is ``F.interpolate(antialias=True)``: PIL's within ±1 grey
-level (PIL works in fixed point). For non-square images the 2048×h×w pool output is flattened before the cosine
+computed from the saved files. Both networks are torchvision's ResNet-50 (``weights=None``, nothing downloaded;
+the Caffe model's differences set on it); the resize is torchvision's ``Resize(224)`` on the 8-bit tensor
+(bilinear, antialiased: PIL's within ±1 grey level, PIL works in fixed point) and the SimSiam input
+torchvision's ``Normalize``. For non-square images the 2048×h×w pool output is flattened before the cosine
 (the papers' images are square, where this is their value).
 """
 from __future__ import annotations
@@ -56,8 +58,7 @@ from torch import Tensor, nn
 
 from cfx_cli.errors import CfxError
 from cfx_cli.metrics.realism import MissingWeights
-from cfx_cli.models.classifiers import check_layout
-from cfx_cli.models.torchvision_arch import ResNet, resnet50
+from cfx_cli.models.classifiers import check_layout, torchvision_model
 
 __all__ = ["NumpyOnlyUnpickler", "read_numpy_pickle", "vggface2_resnet50", "FaceVerifier", "build_face_verifier",
            "SimSiamEncoder", "build_simsiam", "embed", "cosine_similarity", "face_similarity", "s3_similarity",
@@ -160,12 +161,12 @@ def _quantised(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ face verifier
-def vggface2_resnet50(num_classes: int = 8631) -> ResNet:
-    """The VGGFace2 ResNet-50 (cydonia999 layout = torchvision's names): cfx's torchvision ResNet-50 with the
+def vggface2_resnet50(num_classes: int = 8631) -> nn.Module:
+    """The VGGFace2 ResNet-50 (cydonia999 layout = torchvision's names): torchvision's ResNet-50 with the
     Caffe model's differences: the stride of each stage's first Bottleneck on its 1×1 ``conv1`` (torchvision
     v1.5 has it on the 3×3 ``conv2``), max-pool 3/2 without padding and with ceil_mode, 7×7 average pool of
     stride 1."""
-    net = resnet50(num_classes=num_classes)
+    net = torchvision_model("resnet50", num_classes, key="identity.arch")
     for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
         first = stage[0]
         first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
@@ -174,26 +175,33 @@ def vggface2_resnet50(num_classes: int = 8631) -> ResNet:
     return net
 
 
+def _pooled(net: nn.Module) -> nn.Module:
+    """A torchvision ResNet whose ``fc`` is the identity: its forward returns the flattened average pool."""
+    net.fc = nn.Identity()
+    return net
+
+
 class FaceVerifier(nn.Module):
     """[-1, 1] RGB images → VGGFace2 pool5 embeddings (N×2048 for square images), as DiME/ACE's FVA: 8-bit
-    quantisation, bilinear resize of the shorter side to 224, RGB→BGR, minus the VGGFace2 BGR mean (0..255)."""
+    quantisation, bilinear resize of the shorter side to 224, RGB→BGR, minus the VGGFace2 BGR mean (0..255).
+    ``net``: the VGGFace2 ResNet-50 (its ``fc`` over the 8631 identities is dropped: unused by the papers)."""
 
     SIZE = 224
 
-    def __init__(self, net: ResNet | None = None):
+    def __init__(self, net: nn.Module | None = None):
         super().__init__()
-        self.net = vggface2_resnet50() if net is None else net
+        self.net = _pooled(vggface2_resnet50() if net is None else net)
 
     def preprocess(self, x: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
         x = _quantised(x)
-        h, w = x.shape[-2:]
-        size = (self.SIZE, int(self.SIZE * w / h)) if h <= w else (int(self.SIZE * h / w), self.SIZE)
-        if (h, w) != size:  # torchvision Resize(224) on the PIL image: bilinear, back to 8 bits
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True).round().clamp(0, 255)
+        if min(x.shape[-2:]) != self.SIZE:  # Resize(224) on the 8-bit image (bilinear, antialiased), 8 bits again
+            x = TF.resize(x, [self.SIZE], antialias=True).round().clamp(0, 255)
         return x[:, [2, 1, 0]] - x.new_tensor(VGGFACE2_MEAN_BGR).view(1, 3, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.forward_features(self.preprocess(x))
+        return self.net(self.preprocess(x))
 
 
 def build_face_verifier(weights, key: str = "identity.weights") -> FaceVerifier:
@@ -223,7 +231,7 @@ class SimSiamEncoder(nn.Module):
 
     def __init__(self, dim: int = 2048, pred_dim: int = 512):
         super().__init__()
-        self.encoder = resnet50(num_classes=dim)
+        self.encoder = torchvision_model("resnet50", dim, key="s3.arch")
         prev, last = self.encoder.fc.in_features, self.encoder.fc
         self.encoder.fc = nn.Sequential(
             nn.Linear(prev, prev, bias=False), nn.BatchNorm1d(prev), nn.ReLU(inplace=True),
@@ -233,8 +241,9 @@ class SimSiamEncoder(nn.Module):
                                        nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
 
     def preprocess(self, x: Tensor) -> Tensor:
-        x = _quantised(x) / 255
-        return (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        from torchvision.transforms.v2 import functional as TF
+
+        return TF.normalize(_quantised(x) / 255, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(self.preprocess(x))

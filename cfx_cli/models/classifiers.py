@@ -15,6 +15,10 @@ own preprocessing, as the authors' code does:
                      [131.0912, 103.8827, 91.4953]/255 in that channel order, bicubic resize to 224).
 ``torchvision_classifier``  any torchvision-layout state dict (DVCE's Madry+FT ResNet-50 with logits / T,
                      the Madry-lab robustness ResNet-50 under ``model`` with ``module.model.``, plain files).
+
+The architectures are torchvision's own (``torchvision.models.<arch>(weights=None)``: nothing is ever
+downloaded); cfx keeps only the readers of the released file layouts and the networks torchvision does not
+have (the Caffe-layout VGGFace2 ResNet-50-128 of the oracle).
 """
 from __future__ import annotations
 
@@ -29,10 +33,9 @@ from cfx_cli.data.celeba import ATTRIBUTE_NAMES
 from cfx_cli.errors import CfxError
 from cfx_cli.models.checkpoints import load_state_dict
 from cfx_cli.models.explained import ExplainedModel
-from cfx_cli.models.torchvision_arch import build, densenet121
 
 __all__ = ["celeba_densenet", "dime_oracle", "torchvision_classifier", "timm_classifier", "dcfir_regressor",
-           "DimeOracleNet",
+           "torchvision_model", "DimeOracleNet",
            "Resnet50_128", "read_layout", "CELEBA_ATTRIBUTES"]
 
 # The 40 CelebA attributes in list_attr_celeba.txt order (the classifier's and the oracle's outputs).
@@ -44,6 +47,19 @@ _CONTAINERS = ("model_state_dict", "state_dict", "model")
 # Pre-0.4 torchvision DenseNet names ('denselayer1.norm.1.weight' for 'denselayer1.norm1.weight').
 _OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
                            r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+# ------------------------------------------------------------------------------- torchvision networks
+def torchvision_model(arch: str, num_classes: int = 1000, key: str = "classifier.arch") -> nn.Module:
+    """``torchvision.models.<arch>(weights=None, num_classes=...)``: the architecture, randomly initialised
+    (the weights come from a local file; nothing is downloaded). torchvision is imported here, not at the
+    top, so that commands which build no torchvision network do not pay its import time."""
+    from torchvision import models
+
+    if arch not in models.list_models(module=models):  # the classification architectures only
+        raise CfxError(f"{key}={arch!r} is not a torchvision classification architecture (e.g. resnet50, "
+                       f"densenet121, vit_b_16): see torchvision.models.list_models(module=torchvision.models)")
+    return models.get_model(arch, weights=None, num_classes=int(num_classes))
 
 
 # ------------------------------------------------------------------------------------ reading layouts
@@ -142,20 +158,22 @@ class _Scaled(nn.Module):
 
 
 class _Resized(nn.Module):
-    """Bicubic resize to ``size`` without antialiasing: torchvision 0.10's tensor ``Resize(size,
-    interpolation=3)``, which DVCE applies (256 -> 224) in front of its classifiers."""
+    """torchvision's tensor transforms in front of a classifier: ``bicubic`` = ``Resize(size,
+    interpolation=BICUBIC)`` without antialiasing, as torchvision 0.10 resized tensors (DVCE, 256 -> 224);
+    ``center_crop`` = ``CenterCrop(size)`` (LDCE's ImageNet classifier input, 256 -> 224). Both differentiable."""
 
     def __init__(self, net: nn.Module, size: int, mode: str):
         super().__init__()
         self.net, self.size, self.mode = net, int(size), mode
 
     def forward(self, x: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
         if x.shape[-2:] != (self.size, self.size):
-            if self.mode == "center_crop":  # LDCE's ImageNet classifier input: center_crop(224) of the 256 image
-                top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-                x = x[..., top:top + self.size, left:left + self.size]
+            if self.mode == "center_crop":
+                x = TF.center_crop(x, [self.size])
             else:
-                x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False)
+                x = TF.resize(x, [self.size, self.size], interpolation=TF.InterpolationMode.BICUBIC, antialias=False)
         return self.net(x)
 
 
@@ -177,7 +195,7 @@ def celeba_densenet(path: str, key: str = "classifier.path", name: str | None = 
     if output_attributes is not None and len(output_attributes) != num_classes:
         raise CfxError(f"classifier.output_attributes has {len(output_attributes)} entries for {num_classes} "
                        f"outputs: give one CelebA attribute index per output")
-    net = densenet121(num_classes=num_classes)
+    net = torchvision_model("densenet121", num_classes)
     fmt = (f"DiVE/DiME CelebA DenseNet-121 {{'feat_extract': densenet121 features, 'classifier': "
            f"Linear(1024, {num_classes})}}")
     _load(net, read_layout(path, net, fmt, key=key, groups=("features.", "classifier."),
@@ -189,17 +207,20 @@ def celeba_densenet(path: str, key: str = "classifier.path", name: str | None = 
                           num_classes=num_classes, info=info, head="sigmoid")
 
 
-class _FromSigned(nn.Module):
-    """The regression paper's input convention: a [0, 1] image, then its ``Normalizer`` (x − μ) / σ."""
+class _MeanStd(nn.Module):
+    """[-1, 1] → a [0, 1] image, then torchvision's ``Normalize(mean, std)``: the regression paper's
+    ``Normalizer`` (μ, σ from its checkpoint), timm's pretrained_cfg mean/std."""
 
-    def __init__(self, net: nn.Module, mu: Tensor, sigma: Tensor):
+    def __init__(self, net: nn.Module, mean, std):
         super().__init__()
         self.net = net
-        self.register_buffer("mu", mu.reshape(1, -1, 1, 1).float())
-        self.register_buffer("sigma", sigma.reshape(1, -1, 1, 1).float())
+        self.mean = [float(m) for m in torch.as_tensor(mean).reshape(-1)]
+        self.std = [float(s) for s in torch.as_tensor(std).reshape(-1)]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(((x + 1) / 2 - self.mu) / self.sigma)
+        from torchvision.transforms.v2 import functional as TF
+
+        return self.net(TF.normalize((x + 1) / 2, self.mean, self.std))
 
 
 def dcfir_regressor(path: str, arch: str = "densenet121", key: str = "regressor.path", name: str | None = None,
@@ -215,11 +236,11 @@ def dcfir_regressor(path: str, arch: str = "densenet121", key: str = "regressor.
     """
     flat = _open(path, key, "the regression paper's release (regressors/.../last.ckpt)")
     if arch == "densenet121":
-        net = densenet121(num_classes=1)
+        net = torchvision_model("densenet121", 1, key="regressor.arch")
         rename = {"model.classifier.0.feat_extract.features.": "features.", "model.classifier.1.": "classifier."}
         input_size = input_size or 256
     elif arch == "resnet18_small":
-        net = build("resnet18", num_classes=1)
+        net = torchvision_model("resnet18", 1, key="regressor.arch")
         net.conv1 = nn.Conv2d(3, 64, kernel_size=4, stride=1, padding=2, bias=False)
         rename = {"model.": ""}
         input_size = input_size or 64
@@ -249,7 +270,7 @@ def dcfir_regressor(path: str, arch: str = "densenet121", key: str = "regressor.
     mu = flat.get("model.mu", torch.zeros(3)) if arch == "densenet121" else torch.zeros(3)
     sigma = flat.get("model.sigma", torch.ones(3)) if arch == "densenet121" else torch.ones(3)
     info = {"name": name, "format": f"dcfir_{arch}", "arch": arch, "input_size": input_size}
-    return ExplainedModel(_FromSigned(net, mu, sigma).eval(), "regression", input_size=input_size,
+    return ExplainedModel(_MeanStd(net, mu, sigma).eval(), "regression", input_size=input_size,
                           normalize="none", info=info)
 
 
@@ -364,7 +385,7 @@ def torchvision_classifier(arch: str, path: str, num_classes: int = 1000, normal
         raise CfxError(f"classifier.interpolation={interpolation!r} is unknown; use bilinear, bicubic or center_crop")
     if temperature is not None and not float(temperature) > 0:
         raise CfxError(f"classifier.temperature={temperature} must be a positive number (or null)")
-    net = build(arch, num_classes)
+    net = torchvision_model(arch, num_classes, key=key.rsplit(".", 1)[0] + ".arch")
     fmt = f"a torchvision {arch} state dict with {num_classes} outputs"
     _load(net, read_layout(path, net, fmt, key=key))
     out: nn.Module = net if temperature is None else _Scaled(net, temperature)
@@ -375,19 +396,6 @@ def torchvision_classifier(arch: str, path: str, num_classes: int = 1000, normal
             "temperature": temperature, "interpolation": interpolation}
     return ExplainedModel(out, task, input_size=size, normalize=normalize,
                           num_classes=num_classes if task == "classification" else None, info=info, head=head)
-
-
-class _MeanStd(nn.Module):
-    """[-1, 1] → the model's own input normalisation ((x01 − mean) / std, timm's pretrained_cfg)."""
-
-    def __init__(self, net: nn.Module, mean, std):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(((x + 1) / 2 - self.mean) / self.std)
 
 
 def timm_classifier(arch: str, path: str, num_classes: int = 1000, normalize: str = "timm",

@@ -1,8 +1,8 @@
 """DiME's perceptual term: MSE between VGG19 ``features[:18]`` activations.
 
-The layer list reproduces torchvision's ``vgg19().features`` indices, so its
-state dict (``features.N.weight``) loads unchanged from a safetensors or
-weights-only torch file; no torchvision import and no download.
+The network is torchvision's ``vgg19(weights=None).features[:18]`` (so a torchvision state dict,
+``features.N.weight``, loads unchanged from a safetensors or weights-only torch file; nothing is
+downloaded), and the input normalisation torchvision's ``Normalize`` with ImageNet's mean and std.
 """
 from __future__ import annotations
 
@@ -12,18 +12,17 @@ from torch import Tensor, nn
 from cfx_cli.errors import CfxError
 from cfx_cli.models.checkpoints import load_state_dict
 
-_VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def vgg19_features(upto: int = 18) -> nn.Sequential:
-    layers, cin = [], 3
-    for v in _VGG19_CFG:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=False)]
-            cin = v
-    return nn.Sequential(*layers[:upto])
+def vgg19_features(upto: int = 18, device: str | torch.device | None = None) -> nn.Sequential:
+    """torchvision's ``vgg19(weights=None).features[:upto]`` (its layer indices and names), built on ``device``
+    (``"meta"``: shapes only, nothing initialised; the loader fills it from a file)."""
+    from torchvision.models import vgg19
+
+    with torch.device(device or "cpu"):
+        return vgg19(weights=None).features[:upto]
 
 
 class VGGPerceptual(nn.Module):
@@ -32,22 +31,31 @@ class VGGPerceptual(nn.Module):
         if not weights:
             raise CfxError(f"{key} is null but the perceptual weight is > 0: set {key}=<vgg19 state dict "
                            f"(.safetensors or .pth, torchvision layout)> or set method.lambda_perc=0")
-        self.features = vgg19_features(upto)
+        # Built on the meta device (VGG19's 139M-parameter classifier is never initialised), then given the
+        # file's tensors.
+        self.features = vgg19_features(upto, device="meta")
         state = load_state_dict(weights, key=key, source="torchvision's vgg19 ImageNet weights")
-        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        missing = self.features.load_state_dict(state, strict=False).missing_keys
+        state = {k[len("features."):]: v.float() for k, v in state.items() if k.startswith("features.")}
+        want = self.features.state_dict()
+        missing = [k for k in want if k not in state]
         if missing:
             raise CfxError(f"{key}={weights} lacks VGG19 feature weights {missing[:3]}...: use torchvision's vgg19 state dict")
+        bad = next((k for k in want if tuple(state[k].shape) != tuple(want[k].shape)), None)
+        if bad:
+            raise CfxError(f"{key}={weights}: features.{bad} has shape {list(state[bad].shape)}, expected "
+                           f"{list(want[bad].shape)}: use torchvision's vgg19 state dict")
+        self.features.load_state_dict({k: state[k] for k in want}, assign=True)
         self.requires_grad_(False).eval()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def _features(self, x: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        return self.features(TF.normalize((x.clamp(-1, 1) + 1) / 2, IMAGENET_MEAN, IMAGENET_STD))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample mean squared feature difference; images in [-1, 1], clamped to it first as DiME's
         ``Normalizer`` does (core/sample_utils.py; a pixel outside the range passes no gradient)."""
-        fx = self.features(((x.clamp(-1, 1) + 1) / 2 - self.mean) / self.std)
-        fy = self.features(((y.clamp(-1, 1) + 1) / 2 - self.mean) / self.std)
-        return (fx - fy).pow(2).flatten(1).mean(1)
+        return (self._features(x) - self._features(y)).pow(2).flatten(1).mean(1)
 
 
 def perceptual_loss(weight: float, weights_path: str | None, key: str = "method.perceptual_weights"):

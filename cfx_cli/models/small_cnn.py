@@ -56,10 +56,11 @@ class FactorOracle(nn.Module):
 
 
 def _torchvision(arch: str):
+    """torchvision's ``arch`` with ``num_outputs`` outputs (config.json's kwargs), for cfx-trained zoo folders."""
     def build(num_outputs: int) -> nn.Module:
-        from cfx_cli.models.torchvision_arch import build as tv_build
+        from cfx_cli.models.classifiers import torchvision_model
 
-        return tv_build(arch, num_outputs)
+        return torchvision_model(arch, num_outputs, key="trainable.arch")
     return build
 
 
