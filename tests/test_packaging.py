@@ -111,3 +111,23 @@ def test_checkout_finds_conf_dir():
             f"sys.path.insert(0, {str(ROOT)!r}); import cfx_cli; print(cfx_cli.__file__); print(cfx_cli.CONF_DIR)")
     out = _run([sys.executable, "-c", code], cwd=ROOT).stdout.split("\n")
     assert Path(out[0]).resolve() == ROOT / "cfx_cli" / "__init__.py" and Path(out[1]) == ROOT / "conf"
+
+
+def test_declared_torch_torchvision_lpips_bounds_hold_here():
+    """pyproject's bounds on the libraries whose builds must match (torch, torchvision) and on lpips are met by
+    what this interpreter imports, and the pair imports together (a torchvision built for another torch fails
+    on its first operator)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    deps = {r.name: r for r in map(Requirement, tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+                                     ["dependencies"])}
+    assert {"torch", "torchvision", "lpips"} <= set(deps)
+    for name in ("torch", "torchvision", "lpips"):
+        installed = metadata.version(name)
+        assert deps[name].specifier.contains(installed, prereleases=True), f"{name} {installed} vs {deps[name]}"
+    import torch
+    import torchvision
+
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 3.0]])
+    assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.1).tolist() == [0]  # a compiled torchvision op
