@@ -1,0 +1,448 @@
+"""Quality against cost: every method at a few budgets on the synthetic benchmark (issue 19).
+
+    python scripts/bench_frontier.py                      # every method, budgets 0.1/0.25/0.5/1 of its default
+    python scripts/bench_frontier.py --quick              # DiME and FastDiME on 4 images: about a minute
+    python scripts/bench_frontier.py --methods dime fastdime --budgets 0.1 0.25 --images 16 --out /tmp/f
+    python scripts/bench_frontier.py --point "fastdime sampler.steps=26 method.tau=13"   # one point of your own
+
+Each point is one `cfx run` (the same N test images, seed and explained model for every method) in a child
+process of its own, so that its wall time, CPU time and peak resident memory (``ru_maxrss`` of that child,
+from ``os.wait4``: the whole process, model loading and the job's end metrics included) are its own. The
+quality and the cost come from the job folder: real-flip, flip and adversarial rates and the distance to the
+ideal counterfactual from metrics.csv, UNet forward and backward calls per image from samples.csv.
+
+A *budget* is a fraction of the method's default budget knob as `cfx run method=<m>` composes it
+(conf/method/, conf/tuning/): the sampler grid for the guided-diffusion methods, with their start (tau, start,
+strength) scaled with it so that the same share of the chain is guided; ACE's PGD iterations; Diff-AE's
+iterations. ``--budget-of METHOD=V,V`` gives the knob's values themselves.
+
+The goal measured (issue 19): a point as real as DiME's default (real-flip rate at least DiME's, ideal-CF
+distance at most DiME's) with at most 1/30 of DiME's UNet calls. DiME's default point always runs (the
+reference). Unless --no-explore, FastDiME (and MaskDiME where conf/method/maskdime.yaml exists) are then
+run at a few grids whose guided steps fit under the cap, and the script prints whether the goal is met, or
+the closest points. Results are kept: a point whose job folder is done is read back, not run again (--force
+re-runs). Outputs in --out: frontier.md (the table), frontier.png (the plot), frontier.csv, jobs/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# UNet calls per image = forward + backward passes through the generative model's network: ACE, DVCE and
+# Diff-AE differentiate through it, DiME and FastDiME do not, and a backward pass costs about two forwards.
+CALLS = "unet_calls"
+GOAL_RATIO = 30  # issue 19: at most 1/30 of DiME's UNet calls
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One line of the plot: a method (and variant) with its budget knob.
+
+    ``knob``: the config key the budget sets (``sampler.steps``: the grid; else an iteration count);
+    ``scaled``: keys moved with the grid so that the same fraction of it is guided."""
+    key: str
+    overrides: tuple[str, ...]
+    knob: str
+    scaled: tuple[str, ...] = ()
+
+
+SPECS = {
+    "dime": Spec("dime", ("method=dime",), "sampler.steps", ("method.tau",)),
+    "fastdime": Spec("fastdime", ("method=fastdime",), "sampler.steps", ("method.tau",)),
+    "fastdime-nomask": Spec("fastdime-nomask", ("method=fastdime", "method.variant=nomask"), "sampler.steps",
+                            ("method.tau",)),
+    "fastdime-2": Spec("fastdime-2", ("method=fastdime", "method.variant=2"), "sampler.steps", ("method.tau",)),
+    "fastdime-2+": Spec("fastdime-2+", ("method=fastdime", "method.variant=2+"), "sampler.steps", ("method.tau",)),
+    "maskdime": Spec("maskdime", ("method=maskdime",), "sampler.steps", ("method.tau",)),
+    "ace": Spec("ace", ("method=ace",), "method.iterations"),
+    "dvce": Spec("dvce", ("method=dvce",), "sampler.steps", ("method.start",)),
+    "ldce": Spec("ldce", ("method=ldce",), "sampler.steps"),  # strength is already a fraction of the grid
+    "diffae": Spec("diffae", ("method=diffae",), "method.iterations"),
+}
+EXPLORED = ("fastdime", "maskdime")  # the cheap methods searched under the cap
+
+
+def conf_dir() -> Path:
+    from cfx_cli import CONF_DIR
+
+    return Path(CONF_DIR)
+
+
+def available(key: str) -> bool:
+    """Whether this checkout has the method (MaskDiME lands later than the others)."""
+    name = SPECS[key].overrides[0].split("=", 1)[1]
+    return (conf_dir() / "method" / f"{name}.yaml").exists()
+
+
+def grid_parts(steps) -> tuple[str, int]:
+    """A sampler grid as (prefix, count): 100 -> ("", 100), "ldm100" -> ("ldm", 100), "ddim10" -> ("ddim", 10)."""
+    s = str(steps)
+    digits = s.lstrip("abcdefghijklmnopqrstuvwxyz")
+    if not digits.isdigit():
+        raise SystemExit(f"sampler.steps={steps!r}: the frontier scales a grid of one count (an int, 'ddimN' or "
+                         f"'ldmN'), not per-section counts; give the method an int grid")
+    return s[: len(s) - len(digits)], int(digits)
+
+
+@dataclass
+class Defaults:
+    """A spec's default budget and the values its scaled keys take at that budget (from the composed config)."""
+    knob_value: int
+    prefix: str = ""
+    scaled: dict = field(default_factory=dict)
+
+
+def defaults(spec: Spec) -> Defaults:
+    from omegaconf import OmegaConf
+
+    from cfx_cli.config import compose
+
+    cfg = compose(list(spec.overrides))
+    value = OmegaConf.select(cfg, spec.knob)
+    prefix, count = grid_parts(value) if spec.knob == "sampler.steps" else ("", int(value))
+    return Defaults(count, prefix, {k: int(OmegaConf.select(cfg, k)) for k in spec.scaled})
+
+
+@dataclass
+class Point:
+    spec: str                 # SPECS key (the plot's line)
+    knob_value: int           # the budget knob's value (grid steps or iterations)
+    overrides: list[str]      # the cfx run overrides that make it
+    kind: str = "grid"        # grid | reference | explore | custom
+    label: str = ""           # what sets it apart, for the table
+
+    @property
+    def folder_name(self) -> str:
+        extra = hashlib.sha1(" ".join(self.overrides).encode()).hexdigest()[:8]
+        return f"{self.spec}/{self.knob_value:04d}_{extra}"
+
+
+def point_at(spec: Spec, d: Defaults, value: int, kind: str = "grid", extra: tuple[str, ...] = ()) -> Point:
+    """The spec at knob ``value``; its scaled keys keep their default share of the grid (at least 1)."""
+    over = [*spec.overrides]
+    label = [f"{spec.knob.split('.')[-1]}={d.prefix}{value}"]
+    if spec.knob == "sampler.steps":
+        over.append(f"sampler.steps={d.prefix}{value}" if d.prefix else f"sampler.steps={value}")
+        for key, default in d.scaled.items():
+            scaled = max(1, round(default * value / d.knob_value))
+            over.append(f"{key}={scaled}")
+            label.append(f"{key.split('.')[-1]}={scaled}")
+    else:
+        over.append(f"{spec.knob}={value}")
+    over.extend(extra)
+    label.extend(e.split(".", 1)[-1] for e in extra)
+    return Point(spec.key, value, over, kind, " ".join(label))
+
+
+def budget_points(keys, fractions, absolute: dict[str, list[int]], table: dict[str, Defaults]) -> list[Point]:
+    points = []
+    for key in keys:
+        d = table[key]
+        values = absolute.get(key) or sorted({max(1, round(f * d.knob_value)) for f in fractions})
+        points += [point_at(SPECS[key], d, v) for v in values]
+    return points
+
+
+def reference_point(table: dict[str, Defaults]) -> Point:
+    """DiME as `cfx run method=dime` runs it (its synthetic tuning): the bar and the cost every point is held to."""
+    d = table["dime"]
+    return point_at(SPECS["dime"], d, d.knob_value, kind="reference")
+
+
+def explore_points(cap: float, table: dict[str, Defaults], keys) -> list[Point]:
+    """FastDiME / MaskDiME under the cap: guided steps g = floor(cap) and two and four fewer, at the default
+    noise level (the grid is g over the default's guided share), so that one pass fits under the cap and the
+    scales' retries (every image not flipped runs again) are what spends the rest. Measured on the default
+    grid, fewer guided steps than that flip on edge noise the oracle does not read (adversarial)."""
+    points = []
+    for key in keys:
+        if key not in table:
+            continue
+        d = table[key]
+        share = d.scaled["method.tau"] / d.knob_value
+        for g in sorted({max(2, math.floor(cap) - k) for k in (0, 2, 4)}):
+            points.append(point_at(SPECS[key], d, max(g + 1, round(g / share)), kind="explore"))
+    return points
+
+
+def custom_point(text: str, table: dict[str, Defaults]) -> Point:
+    """``--point "fastdime sampler.steps=26 method.tau=13"``: a spec key, then `cfx run` overrides."""
+    key, *over = text.split()
+    if key not in SPECS:
+        raise SystemExit(f"--point {text!r}: unknown method {key!r}; use one of {sorted(SPECS)}")
+    knob = SPECS[key].knob
+    value = next((o.split("=", 1)[1] for o in over if o.startswith(knob + "=")), None)
+    value = grid_parts(value)[1] if value is not None else table[key].knob_value
+    return Point(key, value, [*SPECS[key].overrides, *over], "custom", " ".join(o.split(".", 1)[-1] for o in over))
+
+
+# --------------------------------------------------------------------------------------------- running a point
+
+def run_point(point: Point, args) -> dict:
+    """`cfx run` of one point in a child process (skipped when its folder is already done), then its row."""
+    folder = Path(args.out) / "jobs" / point.folder_name
+    record = folder / "point.json"
+    if not args.force and record.exists() and _state(folder) == "done":
+        return read_row(point, folder, json.loads(record.read_text()))
+    if folder.exists() and args.force:
+        import shutil
+
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "cfx_cli.cli", "run", *point.overrides, f"dataset.num_images={args.images}",
+           f"seed={args.seed}", f"device={args.device}", "metrics.evaluate.metrics=[]", f"hydra.run.dir={folder}"]
+    if args.batch_size:
+        cmd.append(f"batch_size={args.batch_size}")
+    print(f"[{point.spec} {point.label}] running", flush=True)
+    with open(folder / "child.log", "w") as log:
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's high-water mark
+        child.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+    measured = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_mib": usage.ru_maxrss / 1024,
+                "returncode": child.returncode, "command": cmd}
+    if child.returncode != 0:
+        tail = (folder / "child.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        print(f"[{point.spec} {point.label}] failed (exit {child.returncode}): {tail[0]}", flush=True)
+        return {"spec": point.spec, "kind": point.kind, "label": point.label, "failed": tail[0], **measured}
+    record.write_text(json.dumps(measured, indent=1))
+    return read_row(point, folder, measured)
+
+
+def _state(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "status.json").read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+def read_row(point: Point, folder: Path, measured: dict) -> dict:
+    """A point's row from its job folder: metrics.csv (rates, distance) and samples.csv (calls per image)."""
+    import pandas as pd
+
+    metrics = dict(pd.read_csv(folder / "metrics.csv").values)
+    samples = pd.read_csv(folder / "samples.csv")
+    fwd, bwd = samples["nfe_unet"].mean(), samples["nfe_unet_backward"].mean()
+    return {"spec": point.spec, "kind": point.kind, "label": point.label, "knob_value": point.knob_value,
+            "images": len(samples), "real_flip_rate": metrics["real_flip_rate"], "flip_rate": metrics["flip_rate"],
+            "adversarial_rate": metrics["adversarial_rate"], "ideal_cf_l1": metrics["ideal_cf_l1"],
+            "l1": metrics["l1"], "unet_forward": fwd, "unet_backward": bwd, CALLS: fwd + bwd,
+            "seconds_per_cf": metrics["seconds_per_cf"], "job_peak_mib": metrics.get("peak_mem_mib", float("nan")),
+            "wall_s": measured["wall_s"], "cpu_s": measured["cpu_s"], "max_rss_mib": measured["max_rss_mib"],
+            "folder": str(folder)}
+
+
+# ------------------------------------------------------------------------------------- the verdict and table
+
+def meets_bar(row: dict, ref: dict) -> bool:
+    """As real as DiME's default: at least its real-flip rate and at most its distance to the ideal CF."""
+    return row["real_flip_rate"] >= ref["real_flip_rate"] and row["ideal_cf_l1"] <= ref["ideal_cf_l1"]
+
+
+def verdict(rows: list[dict], ref: dict, ratio: float = GOAL_RATIO) -> dict:
+    """Whether some point meets DiME's bar within 1/``ratio`` of its calls; the cheapest that does, and
+    where it is not met: the cheapest point meeting the bar (what it costs) and, under the cap, the points
+    that miss it least (how far they miss)."""
+    cap = ref[CALLS] / ratio
+    others = [r for r in rows if r is not ref and "failed" not in r]
+    good = sorted((r for r in others if meets_bar(r, ref)), key=lambda r: r[CALLS])
+    met = [r for r in good if r[CALLS] <= cap]
+    under = [r for r in others if r[CALLS] <= cap]
+    # how far a point under the cap misses the bar: the larger relative shortfall of its two measures
+    def miss(r):
+        return max(0.0, ref["real_flip_rate"] - r["real_flip_rate"]) / max(ref["real_flip_rate"], 1e-9) + \
+            max(0.0, r["ideal_cf_l1"] - ref["ideal_cf_l1"]) / ref["ideal_cf_l1"]
+    return {"cap": cap, "met": bool(met), "best": met[0] if met else None,
+            "cheapest_good": good[0] if good else None,
+            "closest_under_cap": sorted(under, key=lambda r: (miss(r), r[CALLS]))[:3], "miss": miss}
+
+
+def describe(row: dict, ref: dict) -> str:
+    return (f"{row['spec']} ({row['label']}): real flip {row['real_flip_rate']:.2f}, ideal-CF "
+            f"{row['ideal_cf_l1']:.4f}, {row[CALLS]:.1f} UNet calls per image = 1/{ref[CALLS] / row[CALLS]:.1f} "
+            f"of DiME's")
+
+
+def verdict_text(v: dict, ref: dict) -> str:
+    head = (f"DiME's default: real flip {ref['real_flip_rate']:.2f}, ideal-CF {ref['ideal_cf_l1']:.4f}, "
+            f"{ref[CALLS]:.1f} UNet calls per image; the cap (1/{GOAL_RATIO}): {v['cap']:.1f} calls.")
+    if v["met"]:
+        return f"{head}\nGOAL MET. Cheapest point as real as DiME's under the cap: {describe(v['best'], ref)}."
+    lines = [head, "GOAL NOT MET."]
+    if v["cheapest_good"] is not None:
+        lines.append(f"Cheapest point as real as DiME's: {describe(v['cheapest_good'], ref)}.")
+    for r in v["closest_under_cap"]:
+        lines.append(f"Under the cap, closest to the bar: {describe(r, ref)}.")
+    return "\n".join(lines)
+
+
+COLUMNS = [("method", "spec", "{}"), ("setting", "label", "{}"), ("images", "images", "{:d}"),
+           ("real flip", "real_flip_rate", "{:.2f}"), ("flip", "flip_rate", "{:.2f}"),
+           ("adv.", "adversarial_rate", "{:.2f}"), ("ideal-CF l1", "ideal_cf_l1", "{:.4f}"),
+           ("UNet fwd", "unet_forward", "{:.1f}"), ("UNet bwd", "unet_backward", "{:.1f}"),
+           ("calls / DiME's", "ratio", "{}"), ("s / CF (job)", "seconds_per_cf", "{:.2f}"),
+           ("wall s", "wall_s", "{:.0f}"), ("CPU s", "cpu_s", "{:.0f}"), ("peak RSS MiB", "max_rss_mib", "{:.0f}")]
+
+
+def table(rows: list[dict], ref: dict) -> str:
+    """Markdown, one row per point, by method then cost; a point as real as DiME's is marked ✓ (DiME's own: ref)."""
+    head = "| " + " | ".join(c[0] for c in COLUMNS) + " | bar |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    order = {k: i for i, k in enumerate(SPECS)}
+    for r in sorted((r for r in rows if "failed" not in r), key=lambda r: (order[r["spec"]], r[CALLS])):
+        cells = []
+        for _, key, fmt in COLUMNS:
+            if key == "ratio":
+                cells.append(f"1/{ref[CALLS] / r[CALLS]:.1f}" if r[CALLS] else "–")
+            else:
+                cells.append(fmt.format(int(r[key]) if fmt == "{:d}" else r[key]))
+        mark = "ref" if r is ref else ("✓" if meets_bar(r, ref) else "")
+        lines.append("| " + " | ".join(cells) + f" | {mark} |")
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['spec']} | {r['label']} | failed: {r['failed']} |" + " |" * (len(COLUMNS) - 2))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], ref: dict, cap: float, path: Path) -> None:
+    """Real-flip rate and ideal-CF distance against UNet calls per image (log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    ok = [r for r in rows if "failed" not in r]
+    specs = [k for k in SPECS if any(r["spec"] == k for r in ok)]
+    cmap = plt.get_cmap("tab10")
+    for ax, key, name in ((axes[0], "real_flip_rate", "real-flip rate"), (axes[1], "ideal_cf_l1", "ideal-CF l1")):
+        for i, spec in enumerate(specs):
+            line = sorted((r for r in ok if r["spec"] == spec and r["kind"] in ("grid", "reference")),
+                          key=lambda r: r[CALLS])
+            extra = [r for r in ok if r["spec"] == spec and r["kind"] in ("explore", "custom")]
+            if line:
+                ax.plot([r[CALLS] for r in line], [r[key] for r in line], "o-", color=cmap(i % 10), label=spec)
+            if extra:
+                ax.plot([r[CALLS] for r in extra], [r[key] for r in extra], "^", color=cmap(i % 10), mfc="none",
+                        label=f"{spec} (search)" if not line else None)
+        ax.plot([ref[CALLS]], [ref[key]], "*", color="black", ms=16, zorder=5, label="DiME default")
+        ax.axhline(ref[key], color="grey", lw=0.8, ls=":")
+        ax.axvline(cap, color="red", lw=1, ls="--", label=f"1/{GOAL_RATIO} of DiME's calls")
+        ax.set_xscale("log")
+        ax.set_xlabel("UNet calls per image (forward + backward)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_title("higher is better")
+    axes[1].set_title("lower is better")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], ref: dict, v: dict, args) -> str:
+    out = Path(args.out)
+    fields = sorted({k for r in rows for k in r if k != "command"})
+    with open(out / "frontier.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, ref, v["cap"], out / "frontier.png")
+    text = (f"# Quality against cost on the synthetic benchmark\n\n{args.images} test images (seed {args.seed}), "
+            f"clean shape classifier, device {args.device}; one `cfx run` per point (`{' '.join(sys.argv)}`).\n"
+            f"UNet calls per image: forward + backward passes (samples.csv nfe_unet, nfe_unet_backward); peak RSS: "
+            f"the point's child process (ru_maxrss); wall and CPU seconds: the whole child (start-up, model loading "
+            f"and the job's end metrics included), on shared cores. ✓: as real as DiME's default (real-flip rate "
+            f">= and ideal-CF l1 <= DiME's).\n\n{table(rows, ref)}\n\n```\n{verdict_text(v, ref)}\n```\n")
+    (out / "frontier.md").write_text(text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+
+def parse_absolute(items) -> dict[str, list[int]]:
+    out = {}
+    for item in items or []:
+        key, _, values = item.partition("=")
+        if key not in SPECS or not values:
+            raise SystemExit(f"--budget-of {item!r}: use METHOD=V,V,... with METHOD one of {sorted(SPECS)}")
+        try:
+            out[key] = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise SystemExit(f"--budget-of {item!r}: the values must be integers (grid steps or iterations), "
+                             f"e.g. {key}=10,25,50") from None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", default=None, help=f"of {list(SPECS)} (default: all present)")
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0],
+                   help="fractions of each method's default budget knob (default 0.1 0.25 0.5 1)")
+    p.add_argument("--budget-of", action="append", metavar="METHOD=V,V", help="the knob's own values for a method")
+    p.add_argument("--point", action="append", default=[], help='an extra point: "METHOD override override ..."')
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
+    p.add_argument("--out", default="outputs/frontier")
+    p.add_argument("--quick", action="store_true", help="DiME and FastDiME, 4 images, budgets 0.25 and 1, no search")
+    p.add_argument("--no-explore", action="store_true", help="skip the search under the cap")
+    p.add_argument("--force", action="store_true", help="re-run points whose job folder is already done")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.methods, args.budgets, args.images, args.no_explore = ["dime", "fastdime"], [0.25, 1.0], 4, True
+    bad = [f for f in args.budgets if not 0 < f <= 1]
+    if bad:
+        raise SystemExit(f"--budgets {bad[0]}: a fraction of the default budget in (0, 1]; for the knob's own "
+                         f"values use --budget-of METHOD=V,V")
+    if args.images < 1:
+        raise SystemExit(f"--images {args.images}: at least 1")
+    keys = args.methods or [k for k in SPECS if available(k)]
+    unknown = [k for k in keys if k not in SPECS]
+    if unknown:
+        raise SystemExit(f"--methods {unknown[0]}: unknown; use some of {list(SPECS)}")
+    missing = [k for k in keys if not available(k)]
+    if missing:
+        raise SystemExit(f"--methods {missing[0]}: conf/method has no such method in this checkout "
+                         f"({conf_dir()}); leave it out")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    needed = set(keys) | {"dime"} | {k for k in EXPLORED if available(k) and not args.no_explore}
+    needed |= {t.split()[0] for t in args.point if t.split() and t.split()[0] in SPECS}
+    table_ = {k: defaults(SPECS[k]) for k in SPECS if k in needed}
+
+    ref_point = reference_point(table_)
+    ref = run_point(ref_point, args)
+    if "failed" in ref:
+        raise SystemExit(f"DiME's default point failed: {ref['failed']} (see {args.out}/jobs/{ref_point.folder_name})")
+    rows = [ref]
+    seen = {ref_point.folder_name}
+    todo = budget_points(keys, args.budgets, parse_absolute(args.budget_of), table_)
+    todo += [custom_point(t, table_) for t in args.point]
+    if not args.no_explore:
+        todo += explore_points(ref[CALLS] / GOAL_RATIO, table_, [k for k in EXPLORED if available(k)])
+    for point in todo:
+        if point.folder_name in seen:
+            continue
+        seen.add(point.folder_name)
+        rows.append(run_point(point, args))
+        print(f"  {describe(rows[-1], ref)}" if "failed" not in rows[-1] else "", flush=True)
+    v = verdict(rows, ref)
+    write_outputs(rows, ref, v, args)
+    print(verdict_text(v, ref))
+    print(f"table: {args.out}/frontier.md  plot: {args.out}/frontier.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
