@@ -1,6 +1,6 @@
 """Quality against cost: every method at a few budgets on the synthetic benchmark (issue 19).
 
-    python scripts/bench_frontier.py                      # every method, budgets 0.1/0.25/0.5/1 of its default
+    python scripts/bench_frontier.py                      # every method, budgets 0.1/0.15/0.25/0.5/1 of its default
     python scripts/bench_frontier.py --quick              # DiME and FastDiME on 4 images: about a minute
     python scripts/bench_frontier.py --methods dime fastdime --budgets 0.1 0.25 --images 16 --out /tmp/f
     python scripts/bench_frontier.py --point "fastdime sampler.steps=26 method.tau=13"   # one point of your own
@@ -69,6 +69,13 @@ SPECS = {
     "diffae": Spec("diffae", ("method=diffae",), "method.iterations"),
 }
 EXPLORED = ("fastdime", "maskdime")  # the cheap methods searched under the cap
+# Settings tried at each searched grid besides the method's own (kept where the method's config has the key).
+# FastDiME's public_mask_noise=false keeps the region outside the mask at z_{t-1}'s noise level, not the level
+# before it as the public code does: on a grid of 26 a step spans ~38 of the 1000 levels, and the mismatch
+# leaves a speckled ring at the mask's edge (measured, 32 images: ideal-CF l1 0.0248 -> 0.0220 at 13 guided
+# steps). MaskDiME's public_last_noise=false ends on x outside its mask rather than q_sample(x, 0).
+EXPLORE_SETTINGS = {"fastdime": [(), ("method.public_mask_noise=false",)],
+                    "maskdime": [(), ("method.public_last_noise=false",)]}
 
 
 def conf_dir() -> Path:
@@ -133,7 +140,7 @@ def point_at(spec: Spec, d: Defaults, value: int, kind: str = "grid", extra: tup
     if spec.knob == "sampler.steps":
         over.append(f"sampler.steps={d.prefix}{value}" if d.prefix else f"sampler.steps={value}")
         for key, default in d.scaled.items():
-            scaled = max(1, round(default * value / d.knob_value))
+            scaled = max(1, math.floor(default * value / d.knob_value + 0.5))  # halves up (round() goes to even)
             over.append(f"{key}={scaled}")
             label.append(f"{key.split('.')[-1]}={scaled}")
     else:
@@ -158,11 +165,12 @@ def reference_point(table: dict[str, Defaults]) -> Point:
     return point_at(SPECS["dime"], d, d.knob_value, kind="reference")
 
 
-def explore_points(cap: float, table: dict[str, Defaults], keys) -> list[Point]:
+def explore_points(cap: float, table: dict[str, Defaults], keys, settings=None) -> list[Point]:
     """FastDiME / MaskDiME under the cap: guided steps g = floor(cap) and two and four fewer, at the default
     noise level (the grid is g over the default's guided share), so that one pass fits under the cap and the
-    scales' retries (every image not flipped runs again) are what spends the rest. Measured on the default
-    grid, fewer guided steps than that flip on edge noise the oracle does not read (adversarial)."""
+    scales' retries (every image not flipped runs again) are what spends the rest; each grid with the
+    ``settings`` of that method (default EXPLORE_SETTINGS, filtered by ``has_key``). Measured with FastDiME,
+    fewer guided steps (10 of 20) flip on edge noise the oracle does not read (adversarial)."""
     points = []
     for key in keys:
         if key not in table:
@@ -170,8 +178,23 @@ def explore_points(cap: float, table: dict[str, Defaults], keys) -> list[Point]:
         d = table[key]
         share = d.scaled["method.tau"] / d.knob_value
         for g in sorted({max(2, math.floor(cap) - k) for k in (0, 2, 4)}):
-            points.append(point_at(SPECS[key], d, max(g + 1, round(g / share)), kind="explore"))
+            for extra in (settings or {}).get(key, [()]):
+                points.append(point_at(SPECS[key], d, max(g + 1, round(g / share)), kind="explore", extra=extra))
     return points
+
+
+def has_key(spec: Spec, override: str) -> bool:
+    """Whether ``override``'s key is in the spec's composed config (a setting of another version is skipped)."""
+    from omegaconf import OmegaConf
+
+    from cfx_cli.config import compose
+
+    return OmegaConf.select(compose(list(spec.overrides)), override.split("=", 1)[0]) is not None
+
+
+def explore_settings() -> dict[str, list[tuple[str, ...]]]:
+    return {key: [s for s in options if all(has_key(SPECS[key], o) for o in s)]
+            for key, options in EXPLORE_SETTINGS.items() if available(key)}
 
 
 def custom_point(text: str, table: dict[str, Defaults]) -> Point:
@@ -320,6 +343,7 @@ def plot(rows: list[dict], ref: dict, cap: float, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     ok = [r for r in rows if "failed" not in r]
@@ -337,8 +361,11 @@ def plot(rows: list[dict], ref: dict, cap: float, path: Path) -> None:
                         label=f"{spec} (search)" if not line else None)
         ax.plot([ref[CALLS]], [ref[key]], "*", color="black", ms=16, zorder=5, label="DiME default")
         ax.axhline(ref[key], color="grey", lw=0.8, ls=":")
-        ax.axvline(cap, color="red", lw=1, ls="--", label=f"1/{GOAL_RATIO} of DiME's calls")
+        ax.axvline(cap, color="red", lw=1, ls="--", label=f"1/{GOAL_RATIO} of DiME's calls ({cap:.1f})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 10, 20, 50, 100 rather than 10^k, no minor labels
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("UNet calls per image (forward + backward)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3, which="both")
@@ -358,14 +385,30 @@ def write_outputs(rows: list[dict], ref: dict, v: dict, args) -> str:
         w.writeheader()
         w.writerows(rows)
     plot(rows, ref, v["cap"], out / "frontier.png")
-    text = (f"# Quality against cost on the synthetic benchmark\n\n{args.images} test images (seed {args.seed}), "
-            f"clean shape classifier, device {args.device}; one `cfx run` per point (`{' '.join(sys.argv)}`).\n"
+    text = (f"# Quality against cost on the synthetic benchmark\n\ncfx at {code_version()}; "
+            f"{args.images} test images (seed {args.seed}), "
+            f"clean shape classifier, device {args.device}; one `cfx run` per point (`python3 scripts/bench_frontier.py {' '.join(sys.argv[1:])}`).\n"
             f"UNet calls per image: forward + backward passes (samples.csv nfe_unet, nfe_unet_backward); peak RSS: "
             f"the point's child process (ru_maxrss); wall and CPU seconds: the whole child (start-up, model loading "
             f"and the job's end metrics included), on shared cores. ✓: as real as DiME's default (real-flip rate "
             f">= and ideal-CF l1 <= DiME's).\n\n{table(rows, ref)}\n\n```\n{verdict_text(v, ref)}\n```\n")
     (out / "frontier.md").write_text(text)
     return text
+
+
+def code_version() -> str:
+    """The commit of the cfx_cli that ran (the checkout the child processes import), '+ changes' if dirty."""
+    import cfx_cli
+
+    repo = Path(cfx_cli.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "cfx_cli", "conf"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{repo} (not a git checkout)"
+    return f"commit {head}" + (" + uncommitted changes" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------------------- the CLI
@@ -387,8 +430,8 @@ def parse_absolute(items) -> dict[str, list[int]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=None, help=f"of {list(SPECS)} (default: all present)")
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25, 0.5, 1.0],
-                   help="fractions of each method's default budget knob (default 0.1 0.25 0.5 1)")
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.15, 0.25, 0.5, 1.0],
+                   help="fractions of each method's default budget knob (default 0.1 0.15 0.25 0.5 1)")
     p.add_argument("--budget-of", action="append", metavar="METHOD=V,V", help="the knob's own values for a method")
     p.add_argument("--point", action="append", default=[], help='an extra point: "METHOD override override ..."')
     p.add_argument("--images", type=int, default=32)
@@ -427,16 +470,19 @@ def main(argv=None) -> int:
         raise SystemExit(f"DiME's default point failed: {ref['failed']} (see {args.out}/jobs/{ref_point.folder_name})")
     rows = [ref]
     seen = {ref_point.folder_name}
-    todo = budget_points(keys, args.budgets, parse_absolute(args.budget_of), table_)
+    # the search under the cap first (the finding), then every method's budgets, cheapest first
+    todo = [] if args.no_explore else explore_points(ref[CALLS] / GOAL_RATIO, table_,
+                                                     [k for k in EXPLORED if available(k)], explore_settings())
     todo += [custom_point(t, table_) for t in args.point]
-    if not args.no_explore:
-        todo += explore_points(ref[CALLS] / GOAL_RATIO, table_, [k for k in EXPLORED if available(k)])
+    todo += budget_points(keys, args.budgets, parse_absolute(args.budget_of), table_)
     for point in todo:
         if point.folder_name in seen:
             continue
         seen.add(point.folder_name)
         rows.append(run_point(point, args))
-        print(f"  {describe(rows[-1], ref)}" if "failed" not in rows[-1] else "", flush=True)
+        if "failed" not in rows[-1]:
+            print(f"  {describe(rows[-1], ref)}", flush=True)
+        write_outputs(rows, ref, verdict(rows, ref), args)  # a partial table after every point
     v = verdict(rows, ref)
     write_outputs(rows, ref, v, args)
     print(verdict_text(v, ref))

@@ -64,6 +64,10 @@ def test_explore_points_fit_one_pass_under_the_cap():
     got = sorted((p.knob_value, [o for o in p.overrides if o.startswith("method.tau")][0]) for p in pts)
     assert got == [(22, "method.tau=11"), (26, "method.tau=13"), (30, "method.tau=15")]
     assert {p.kind for p in pts} == {"explore"}
+    # each grid once per setting of the method
+    pts = bf.explore_points(465 / 30, table, ["fastdime"], {"fastdime": [(), ("method.public_mask_noise=false",)]})
+    assert len(pts) == 6 and sum("method.public_mask_noise=false" in p.overrides for p in pts) == 3
+    assert len({p.folder_name for p in pts}) == 6
 
 
 def test_verdict_goal_met_picks_the_cheapest_point_at_the_bar():
