@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cfx_cli.errors import debug
+from cfx_cli.errors import debug, exit_code, user_error
 
 USAGE = """usage: cfx [--debug] <command> [args]
 
@@ -93,7 +93,54 @@ def _main(argv: list[str] | None = None) -> None:
         if problem:
             print(f"cfx: error: {problem}", file=sys.stderr)
             sys.exit(2)
+        hydra_command(module, rest)
+        return
     module.main(rest)
+
+
+def hydra_command(module, args: list[str]) -> None:
+    """A Hydra application's command (run, train, doctor). Hydra reports an error it catches (a bad override,
+    an unknown group option, a failed task) itself and exits 1; HYDRA_FULL_ERROR=1 lets the error reach
+    here instead, so that one a user can fix (``user_error``: an unknown group option, in a -m sweep too)
+    is one line and exit status 2, like cfx's other config errors. Any other goes back to Hydra's own
+    report, as before."""
+    if debug():  # HYDRA_FULL_ERROR is set already: every error in full
+        module.main(args)
+        return
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        module.main(args)
+    except Exception as e:  # noqa: BLE001 - one line for what a user can fix, Hydra's report for the rest
+        _restore("HYDRA_FULL_ERROR", saved)
+        # the command line as Hydra parsed it: config.hydra_app hands it over in sys.argv, after "cfx <command>"
+        # (`cfx train WHAT` becomes trainable=WHAT there)
+        parsed = sys.argv[1:] if sys.argv[0].startswith("cfx ") else args
+        msg = user_error(e, parsed)
+        if msg is not None:
+            print(f"cfx: error: {msg}", file=sys.stderr)
+            sys.exit(exit_code(e))
+        from hydra._internal.utils import run_and_report
+
+        tb = e.__traceback__  # from Hydra's run_job on, as Hydra shows a task's error (its own frames cut)
+        while tb is not None and tb.tb_frame.f_code.co_name != "run_job":
+            tb = tb.tb_next
+        error = e.with_traceback(tb) if tb is not None else e
+
+        def again():
+            raise error
+
+        run_and_report(again)  # prints as Hydra would have (compact for its own errors), then exits 1
+        raise  # unreachable unless Hydra's report changes: the error as Python reports it
+    finally:
+        _restore("HYDRA_FULL_ERROR", saved)
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def output_dir_problem(args: list[str]) -> str | None:

@@ -1,7 +1,9 @@
 """The exceptions a user can act on, and the one line the CLI prints for them."""
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -40,9 +42,9 @@ def debug() -> bool:
     return os.environ.get("CFX_DEBUG", "").strip() not in ("", "0", "false")
 
 
-def user_error(exc: BaseException) -> str | None:
+def user_error(exc: BaseException, args: list[str] | None = None) -> str | None:
     """The one-line message of an error a user can fix, or None for a bug (shown in full; with --debug,
-    every error is shown in full)."""
+    every error is shown in full). ``args``: the command line, where known (``group_option_error``)."""
     from omegaconf.errors import MissingMandatoryValue
 
     if debug():
@@ -51,11 +53,50 @@ def user_error(exc: BaseException) -> str | None:
     while seen is not None:
         if isinstance(seen, CfxError):
             return str(seen)
+        if (line := group_option_error(seen, args)) is not None:
+            return line
         if isinstance(seen, MissingMandatoryValue):
             key = getattr(seen, "full_key", None) or "a key"
             return f"{key} has no value (???): set it on the command line, e.g. {key}=..."
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def group_option_error(exc: BaseException, args: list[str] | None = None) -> str | None:
+    """``group=option`` naming no config of the group (Hydra's MissingConfigException, whose message runs to
+    fifteen lines): one line with the closest option and the choices, or None for any other error.
+
+    The choices are the ones Hydra listed, so they come from its config repository: every folder on the
+    search path (``hydra.searchpath``, ``--config-dir``) counts, the packaged conf/ and a user's alike.
+    ``args`` (the command line, where known) tells an option typed there from one a config file names."""
+    from hydra.errors import MissingConfigException
+
+    if not isinstance(exc, MissingConfigException) or not exc.options or not exc.missing_cfg_file:
+        return None
+    group, _, option = exc.missing_cfg_file.rpartition("/")
+    if not group:
+        return None
+    options = sorted(exc.options)
+    close = difflib.get_close_matches(option, options, n=1)
+    return (f"{group}={option}{_named_where(exc, group, option, args)} is not an option of {group}"
+            + (f"; did you mean {group}={close[0]}?" if close else "") + f" (choices: {', '.join(options)})")
+
+
+def _named_where(exc: BaseException, group: str, option: str, args: list[str] | None) -> str:
+    """Where the bad option comes from, when not from the command line: " (asked for in experiment/x)"."""
+    # Hydra's message starts "In '<parent>':"; overrides (the command line's, and an experiment file's
+    # `override /group: ...`) land in the primary config (config, train, hydra/config), a name without a
+    # group folder or Hydra's own
+    parent = re.match(r"In '([^']+)':", str(exc))
+    if parent and "/" in parent.group(1) and not parent.group(1).startswith("hydra/"):
+        return f" (asked for in {parent.group(1)})"
+    if args is None:
+        return ""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~").split("@")[0] == group and option in re.findall(r"[\w.\-]+", value):
+            return ""
+    return " (not on the command line: a config file it chose asks for it)"
 
 
 def override_error(exc: BaseException) -> str | None:
