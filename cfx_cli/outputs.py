@@ -240,6 +240,42 @@ class JobWriter:
         return self.dir / "grid.png"
 
 
+# What a job's start writes before its first sample: Hydra's record (.hydra/), cfx's lock and its copy of
+# that record (.cfx/), status.json and classes.json (and their temporary names, were a write cut short).
+START_FILES = frozenset({
+    *(f"{d}/{f}.yaml" for d in (".hydra", ".cfx/hydra") for f in ("config", "hydra", "overrides")),
+    ".cfx/lock", "status.json", "status.json.tmp", "classes.json", "classes.json.tmp"})
+
+
+def remove_unwritten(job_dir: str | Path, also: tuple[str, ...] = ()) -> bool:
+    """Remove a job folder that holds only what its start wrote (``START_FILES``, and ``also``: Hydra's job
+    log): a run that failed before its first sample leaves nothing for ``cfx aggregate`` to list and nothing
+    a resume needs. A folder with anything else (a sample's row or image, a user's own file) stays whole.
+    True when it is gone. Call it while holding the folder's lock: the lock file goes too (a lock on a
+    removed file still holds), so that no second process starts in a folder being removed."""
+    root = Path(job_dir)
+    if not root.is_dir():
+        return False
+    known = START_FILES | set(also)
+    files, dirs = [], []
+    for top, subdirs, names in os.walk(root):  # never into a linked folder: a link is a foreign file here
+        here = Path(top)
+        files += [here / n for n in names] + [here / d for d in subdirs if (here / d).is_symlink()]
+        dirs += [here / d for d in subdirs if not (here / d).is_symlink()]
+    if any(f.relative_to(root).as_posix() not in known for f in files):
+        return False
+    try:
+        for f in files:
+            f.unlink()
+        for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+            d.rmdir()
+        if root.resolve() != Path.cwd().resolve():  # `hydra.run.dir=.`: emptied, never removed
+            root.rmdir()
+    except OSError:  # a file appeared meanwhile, or no permission: what is left stays
+        return False
+    return True
+
+
 def grid_label(row) -> str:
     """A grid row's label: index, label -> target (class names where known) and the outcome."""
     def name(col):

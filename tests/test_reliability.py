@@ -443,3 +443,77 @@ def test_process_level_a_run_dir_that_is_a_file(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"cfx: error: hydra.run.dir={tmp_path / 'afile'} is a file: give a "
                                                 f"folder (a new or an existing job folder)"]
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_job_stopped_before_its_first_sample_leaves_no_folder_unless_it_holds_more(tmp_path, compose, monkeypatch):
+    """Told to (a single `cfx run`), a job refused at its start removes its folder, Hydra's log included; a
+    folder with a file of the user's stays whole; one whose samples were written stays, marked failed."""
+    import pytest
+
+    import cfx_cli.job.loop as loop
+    from cfx_cli.outputs import START_FILES
+
+    refused = compose(["debug=fast", "device=cpu", "method.tau=500"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "run.log").write_text("")
+    with pytest.raises(Exception, match="method.tau=500"):
+        loop.job(refused, bare, remove_if_unwritten=("run.log",))
+    assert not bare.exists()
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="method.tau=500"):
+        loop.job(refused, theirs, remove_if_unwritten=("run.log",))
+    assert (theirs / "notes.txt").read_text() == "mine" and state(theirs)["state"] == "failed"
+    assert {p.relative_to(theirs).as_posix() for p in theirs.rglob("*") if p.is_file()} <= START_FILES | {"notes.txt"}
+
+    def fail(*args, **kwargs):  # after every sample was written: the set-level metrics fail
+        raise RuntimeError("the end metrics broke")
+
+    monkeypatch.setattr(loop, "finish", fail)
+    written = tmp_path / "written"
+    with pytest.raises(RuntimeError):
+        loop.job(compose(["debug=fast", "device=cpu", "dataset.num_images=2", "batch_size=2", "metrics=basic",
+                          "method.tau=2"]),
+                 written, remove_if_unwritten=("run.log",))
+    assert state(written)["state"] == "failed" and len(pd.read_csv(written / "samples.csv")) == 2
+
+    here = tmp_path / "here"  # hydra.run.dir=. : the files go, the working folder stays
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(Exception, match="method.tau=500"):
+        loop.job(refused, ".", remove_if_unwritten=())
+    assert here.is_dir() and not list(here.iterdir())
+
+
+def test_an_interrupt_before_the_first_sample_says_nothing_was_written(tmp_path, monkeypatch):
+    """SIGTERM while the models load: exit 143, one line, no folder left to resume."""
+    import cfx_cli.job.loop as loop
+    from cfx_cli.errors import Interrupted
+    from conftest import cfx
+
+    class Loading(loop.JobParts):
+        def all(self):
+            raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(loop, "JobParts", Loading)
+    proc = cfx("run", "debug=fast", "device=cpu", f"hydra.run.dir={tmp_path / 'job'}", check=False)
+    assert proc.returncode == 143
+    assert proc.stderr.splitlines() == ["cfx: interrupted (SIGTERM): before the first sample: nothing was written"]
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_sweep_keeps_the_folders_of_jobs_refused_at_their_start(tmp_path):
+    """In a -m sweep each job's folder stays with its status (the sweep's last line and `cfx aggregate` count
+    it), even a job refused before its first sample."""
+    from conftest import cfx
+
+    sweep = tmp_path / "sweep"
+    proc = cfx("run", "-m", "debug=fast", "device=cpu", "method.tau=500,600", f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith(f"cfx run: 2 of 2 jobs of the sweep {sweep} did not finish")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [state(j)["state"] for j in jobs] == ["failed", "failed"]
+    assert "method.tau=600 must lie in 1..50" in state(jobs[1])["error"]

@@ -24,12 +24,17 @@ from cfx_cli.metrics import suite
 from cfx_cli.metrics.cost import PeakMemory
 from cfx_cli.metrics.sample import distances, outcomes
 from cfx_cli.metrics.summary import summarise
-from cfx_cli.outputs import JobLock, JobWriter, Pairs, diff_image, flatten_config, read_samples
+from cfx_cli.outputs import JobLock, JobWriter, Pairs, diff_image, flatten_config, read_samples, remove_unwritten
 
 
-def job(cfg: DictConfig, job_dir: str | Path) -> dict:
+def job(cfg: DictConfig, job_dir: str | Path, remove_if_unwritten: tuple[str, ...] | None = None) -> dict:
     """Run (or resume) one job into ``job_dir``, owning the folder for its lifetime (one process per
-    job folder); returns its set-level metrics."""
+    job folder); returns its set-level metrics.
+
+    ``remove_if_unwritten`` (a tuple, maybe empty, of other files the caller's start wrote there: Hydra's job
+    log): a job that stops before its first sample removes its folder, still under its lock, where nothing
+    else is in it (``outputs.remove_unwritten``). None: the folder stays, its status.json saying why (a sweep's
+    job, which the sweep's summary and ``cfx aggregate`` must count)."""
     try:
         writer = JobWriter(job_dir)
         lock = JobLock(job_dir)
@@ -43,6 +48,10 @@ def job(cfg: DictConfig, job_dir: str | Path) -> dict:
     try:
         with signals_as_interrupts():
             return _job(cfg, writer)
+    except BaseException:
+        if remove_if_unwritten is not None:
+            remove_unwritten(writer.dir, remove_if_unwritten)
+        raise
     finally:
         lock.release()
 
