@@ -33,9 +33,23 @@ def report_sweep() -> None:
             states[status.parent.name] = json.loads(status.read_text()).get("state", "?")
         except (OSError, ValueError):
             states[status.parent.name] = "unreadable"
+        if states[status.parent.name] == "running":
+            states[status.parent.name] += _holder(status.parent)
     bad = sorted(k for k, v in states.items() if v != "done")
     if bad:
         shown = ", ".join(f"{k}: {states[k]}" for k in bad[:3]) + (" ..." if len(bad) > 3 else "")
         print(f"cfx run: {len(bad)} of {len(states)} jobs of the sweep {sweep} did not finish ({shown})",
               file=sys.stderr)
         sys.exit(1)
+
+
+def _holder(job: Path) -> str:
+    """Who last took the job folder's lock (``cfx_cli.outputs.JobLock`` writes "pid N on HOST (since T)").
+    A job still ``running`` after its sweep returned is another process's: alive elsewhere (this sweep's
+    job was refused the folder: an earlier submission still runs there) or killed outright (SIGKILL, a lost
+    node), which the pid and host let a person tell apart."""
+    try:
+        text = (job / ".cfx" / "lock").read_text().strip()
+    except OSError:
+        return ""
+    return f", lock taken by {text}" if text else ""
