@@ -40,6 +40,31 @@ def test_default_job_writes_the_job_folder(tmp_path):
         assert len(list((job / "images" / kind).glob("*.png"))) == 4
     assert Image.open(job / "grid.png").size[0] > 3 * 32
     assert (job / ".hydra" / "config.yaml").exists()
+    assert not_cfxs_own(proc.stderr) == [] and not warnings(proc.stderr), proc.stderr
+
+
+def stderr_lines(stderr):
+    """stderr's lines without the progress bar's ("fastdime:  50%|...", redrawn after carriage returns)."""
+    bar = re.compile(r"^\w+:\s+\d+%\|")
+    return [ln for ln in re.split(r"[\r\n]+", stderr) if ln.strip() and not bar.match(ln)]
+
+
+def not_cfxs_own(stderr):
+    """The lines a library printed (a warning, a hint): every line cfx prints starts with "cfx"."""
+    return [ln for ln in stderr_lines(stderr) if not ln.startswith("cfx")]
+
+
+def warnings(stderr):
+    return [ln for ln in stderr_lines(stderr) if "warn" in ln.lower()]
+
+
+def test_ldce_job_prints_no_library_warning(tmp_path):
+    """diffusers warned twice per LDCE job ("pip install accelerate", once for the VAE, once for the UNet):
+    the loader no longer asks for what needs accelerate where it is not installed. A fresh process, where a
+    library's once-per-process warnings show."""
+    proc = cfx("run", "debug=fast", "method=ldce", run_dir(tmp_path), subprocess_=True)
+    assert "job folder:" in proc.stdout
+    assert not_cfxs_own(proc.stderr) == [] and not warnings(proc.stderr), proc.stderr
 
 
 def _rows(path):
@@ -250,8 +275,105 @@ def test_cuda_job_flips_like_the_cpu_job(tmp_path, method):
     assert gpu["l1"].mean() == pytest.approx(cpu["l1"].mean(), rel=0.25)
 
 
-def test_typo_in_a_group_option_names_the_options(tmp_path):
-    proc = cfx("run", "method=dimee", run_dir(tmp_path), check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'method/dimee'" in proc.stderr and "fastdime" in proc.stderr
+def _options(group):
+    """The group's options as the conf folder holds them (one YAML file each)."""
+    from cfx_cli import CONF_DIR
+
+    return ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
+@pytest.mark.parametrize("args,given,closest", [
+    (["run", "method=dimee"], "method=dimee", "method=dime"),
+    (["run", "dataset=synthetc"], "dataset=synthetc", "dataset=synthetic"),
+    (["run", "classifier=synthetic_shape_bias"], "classifier=synthetic_shape_bias", "classifier=synthetic_shape_biased"),
+    (["run", "sampler=ddmp"], "sampler=ddmp", "sampler=ddpm"),
+    (["run", "debug=fats"], "debug=fats", "debug=fast"),
+    (["run", "experiment=dime_celeb_smile"], "experiment=dime_celeb_smile", "experiment=dime_celeba_smile"),
+    (["run", "-m", "method=dime,fastdim"], "method=fastdim", "method=fastdime"),  # a sweep: before any job
+    (["doctor", "method=fastdim"], "method=fastdim", "method=fastdime"),
+    (["calibrate", "method=fastdim", "--values", "1"], "method=fastdim", "method=fastdime"),  # the compose API
+    (["train", "synthetic_shap"], "trainable=synthetic_shap", "trainable=synthetic_shape"),
+])
+def test_an_unknown_group_option_is_one_line_with_the_closest_and_the_choices(tmp_path, args, given, closest):
+    """Instead of Hydra's block (the options one a line, the search path): one line, exit 2 as cfx's other
+    config errors, and nothing written."""
+    group = given.split("=")[0]
+    out = [] if args[0] == "calibrate" else [f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'out'}"]
+    proc = cfx(*args, *out, check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"cfx: error: {given} is not an option of {group}; did you mean {closest}? "
+                                        f"(choices: {_options(group)})"], proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_an_unknown_option_of_hydras_own_groups_and_of_no_close_one(tmp_path):
+    proc = cfx("run", "hydra/launcher=jobib", run_dir(tmp_path), check=False)
+    err = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith("cfx: error: hydra/launcher=jobib is not an option of hydra/launcher; did you mean "
+                             "hydra/launcher=joblib? (choices: ")
+    # Hydra's own launchers and cfx's (conf/hydra/launcher) alike
+    choices = err[0].split("(choices: ")[1].rstrip(")").split(", ")
+    assert {"basic", "joblib", *_options("hydra/launcher").split(", ")} <= set(choices)
+    proc = cfx("run", "method=xyzzy", run_dir(tmp_path), check=False)  # nothing close: no guess
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"cfx: error: method=xyzzy is not an option of method (choices: {_options('method')})"]
+
+
+def test_an_unknown_option_on_a_user_search_path_and_in_a_config_file(tmp_path):
+    """A user's conf folder (hydra.searchpath, --config-dir) adds options, and a guess can be one of them; a
+    bad option a config file asks for says so."""
+    from cfx_cli import CONF_DIR
+
+    mine = tmp_path / "myconf"
+    (mine / "method").mkdir(parents=True)
+    (mine / "method" / "mine.yaml").write_text((CONF_DIR / "method" / "fastdime.yaml").read_text())
+    (mine / "experiment").mkdir()
+    (mine / "experiment" / "asks.yaml").write_text("# @package _global_\ndefaults:\n  - /method: nosuch\n")
+    (mine / "experiment" / "swaps.yaml").write_text("# @package _global_\ndefaults:\n  - override /method: nosuch\n")
+    choices = ", ".join(sorted([*_options("method").split(", "), "mine"]))
+    search = f"hydra.searchpath=[file://{mine}]"
+    for flags in ([search], ["--config-dir", str(mine)]):
+        proc = cfx("run", *flags, "method=mien", run_dir(tmp_path), check=False)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"cfx: error: method=mien is not an option of method; did you mean method=mine? (choices: {choices})"]
+    proc = cfx("run", search, "experiment=asks", run_dir(tmp_path), check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"cfx: error: method=nosuch (asked for in experiment/asks) is not an option of method (choices: {choices})"]
+    proc = cfx("run", search, "experiment=swaps", run_dir(tmp_path), check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"cfx: error: method=nosuch (not on the command line: a config file it chose asks for it) is not an option "
+        f"of method (choices: {choices})"]
+
+
+def test_other_hydra_errors_keep_hydras_report(tmp_path, monkeypatch):
+    """Not an option error: an unknown key stays Hydra's own message (exit 1), a bug in the job its traceback
+    from the task down, as Hydra shows it (exit 1)."""
+    import cfx_cli.job.loop as loop
+
+    proc = cfx("run", "method.nonsense=1", run_dir(tmp_path), check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("Could not override 'method.nonsense'.")
     assert "Traceback" not in proc.stderr
+
+    def bug(cfg, job_dir, **kw):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(loop, "job", bug)
+    proc = cfx("run", run_dir(tmp_path), check=False)
+    assert proc.returncode == 1 and "RuntimeError: a bug" in proc.stderr
+    frames = re.findall(r'File "([^"]+)", line \d+, in (\w+)', proc.stderr)
+    assert frames[0][1] == "task" and frames[0][0].endswith("run.py"), frames  # Hydra's frames cut, as Hydra does
+    assert "HYDRA_FULL_ERROR=1 for a complete stack trace" in proc.stderr
+
+
+def test_a_run_that_fails_before_its_first_sample_leaves_no_folder(tmp_path):
+    """The default folder (outputs/runs/...) of a run refused at its start is gone, so `cfx aggregate` tables
+    the jobs that ran without listing it; a job that wrote samples keeps its folder when it fails later."""
+    for bad in ("method.tau=500", "dataset.num_images=abc"):
+        proc = cfx("run", *FAST, bad, "device=cpu", cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not [p for p in (tmp_path / "outputs" / "runs").rglob("*") if p.is_file()]
+    cfx("run", *FAST, "dataset.num_images=2", "batch_size=2", "metrics=basic", "device=cpu", cwd=tmp_path)
+    agg = cfx("aggregate", "outputs/runs", "--metrics", "flip_rate", cwd=tmp_path, check=False)
+    assert agg.returncode == 0 and "not included" not in agg.stdout, agg.stdout + agg.stderr
+    assert list(pd.read_csv(tmp_path / "outputs" / "runs" / "table.csv")["n_jobs"]) == [1]

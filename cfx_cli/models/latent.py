@@ -178,9 +178,9 @@ def _read_json(file: Path, key: str, path) -> dict:
         raise CfxError(f"{key}={path}: {file} is not valid JSON ({e})") from None
 
 
-def _from_pretrained(cls, folder: Path, key: str, path):
+def _from_pretrained(cls, folder: Path, key: str, path, **kwargs):
     try:
-        return cls.from_pretrained(folder, local_files_only=True)
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - damaged configs or weights: one line naming the folder
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CfxError(f"{key}={path}: cannot load {folder.name}/ ({type(e).__name__}: {first})") from None
@@ -223,8 +223,13 @@ def load_latent_diffusion(path: str | Path, key: str = "diffusion.path", name: s
     vae_cls = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}.get(vae_cfg.get("_class_name"))
     if vae_cls is None:
         raise CfxError(f"{key}={path}: vae/ is a {vae_cfg.get('_class_name')!r}; cfx reads AutoencoderKL or VQModel")
-    vae = _from_pretrained(vae_cls, path / "vae", key, path)
-    unet = _from_pretrained(UNet2DConditionModel, path / "unet", key, path)
+    # diffusers asks for low_cpu_mem_usage by default and, without accelerate installed, falls back with a
+    # warning per model (twice a job): ask for it only where accelerate makes it possible
+    from diffusers.utils import is_accelerate_available
+
+    lean = {"low_cpu_mem_usage": is_accelerate_available()}
+    vae = _from_pretrained(vae_cls, path / "vae", key, path, **lean)
+    unet = _from_pretrained(UNet2DConditionModel, path / "unet", key, path, **lean)
     sched_file = path / "scheduler" / "scheduler_config.json"
     schedule = _schedule_from(_read_json(sched_file, key, path), key, path)
     if (path / "class_embedder").is_dir():
