@@ -31,3 +31,36 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", folder: 
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+def choice(cfg, group: str) -> str | None:
+    """The option of config group ``group`` that ``cfg`` (a composed config, or one read back from a job folder)
+    was made with, derived in this one place: option files do not restate their own name. A config that an older
+    cfx saved has the group's ``name`` key; otherwise the node's ``_target_`` says it: a class that names itself
+    (a method: ``fastdime``), else the class name without its kind (``SyntheticDataset`` -> ``synthetic``,
+    ``DDIMSampler`` -> ``ddim``). None where a loader function serves several options (the classifiers,
+    the diffusion models): Hydra's own record of the choices is ``hydra.runtime.choices`` (HydraConfig while
+    a command runs, .hydra/hydra.yaml in a job folder)."""
+    node = cfg.get(group) if hasattr(cfg, "get") else None
+    if not hasattr(node, "get"):
+        return None
+    if node.get("name"):
+        return str(node.get("name"))
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return None
+    try:
+        from hydra.utils import get_object
+
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - a target that does not import: no name to give
+        return None
+    if not isinstance(obj, type):
+        return None
+    if isinstance(getattr(obj, "name", None), str):
+        return obj.name
+    stem = obj.__name__
+    for kind in ("Dataset", "Sampler"):
+        if stem.endswith(kind) and stem != kind:
+            return stem[: -len(kind)].lower()
+    return None

@@ -37,7 +37,9 @@ def calibrate(overrides: list[str], values: list[float], rate: float, images: in
     per image). Where an oracle exists (the synthetic benchmark) the rate is the *real* flips' (the oracle
     confirms the target); a value whose mean l1 is more than ``jump``× the previous value's is noise (an
     adversarial edit grown large) and is never recommended."""
-    method = compose(overrides).method.name
+    from cfx_cli.config import choice
+
+    method = choice(compose(overrides), "method")
     key = key or STRENGTH.get(method)
     if key is None:
         raise CfxError(f"method={method} has no known strength key: give --key <method key>")

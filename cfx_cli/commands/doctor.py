@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cfx_cli.config import choice as config_choice
 from cfx_cli.config import hydra_app
 from cfx_cli.errors import CfxError, user_error
 from cfx_cli.job.build import (JobParts, NeedsFailedPart, check_settings, resolve_device, shard_indices,
@@ -141,19 +142,19 @@ def _params(module) -> str:
     return f"{n / 1e6:.2f}M params" if n >= 1e5 else f"{n / 1e3:.1f}k params"
 
 
-def _choice(cfg: DictConfig, group: str):
+def _choice(cfg: DictConfig, group: str, choices: dict | None):
     try:
-        node = cfg.get(group)
-        return node.get("name") if isinstance(node, DictConfig) else None
+        return (choices or {}).get(group) or config_choice(cfg, group)
     except Exception:  # noqa: BLE001
         return None
 
 
-def summary(cfg: DictConfig) -> str:
-    """``method=fastdime dataset=synthetic ...``: the choices of the config groups."""
+def summary(cfg: DictConfig, choices: dict | None = None) -> str:
+    """``method=fastdime dataset=synthetic ...``: the choices of the config groups (``choices``: Hydra's, while
+    `cfx doctor` runs; else as far as the config says them)."""
     parts = [f"{g}={n}" for g in ("method", "dataset", "classifier", "regressor", "robust_model", "diffusion", "sampler",
                                   "metrics")
-             if (n := _choice(cfg, g))]
+             if (n := _choice(cfg, g, choices)) and cfg.get(g)]
     try:
         parts.append(f"target={cfg.target.mode}")
     except Exception:  # noqa: BLE001
@@ -319,11 +320,11 @@ def verdict(checks: list[Check]) -> str:
     return f"{len(bad)} problem{'s' if len(bad) > 1 else ''}: {names}{tail}"
 
 
-def report(checks: list[Check], cfg: DictConfig | None = None) -> str:
+def report(checks: list[Check], cfg: DictConfig | None = None, choices: dict | None = None) -> str:
     """The printed report: config line, device, files table, parts, then the one-line verdict."""
     lines = []
     if cfg is not None:
-        lines.append(f"config: {summary(cfg)}")
+        lines.append(f"config: {summary(cfg, choices)}")
     for c in checks:
         if c.group == "device":
             lines.append(f"device: {c.detail}")
@@ -368,7 +369,7 @@ def main(args: list[str]) -> None:
         if hc.mode == RunMode.MULTIRUN:
             print(f"\n== job {hc.job.num}: {hc.job.override_dirname or '(no overrides)'}")
         checks = doctor(cfg)
-        print(report(checks, cfg), flush=True)
+        print(report(checks, cfg, dict(hc.runtime.choices)), flush=True)
         results.append(not problems(checks))
 
     with tempfile.TemporaryDirectory(prefix="cfx-doctor-") as tmp:  # Hydra's run folder: thrown away

@@ -50,7 +50,7 @@ def respaced(schedule: NoiseSchedule, steps, key: str = "sampler.steps") -> Nois
 class Sampler:
     kind = "base"
 
-    def __init__(self, model, steps=None, checkpoint: bool = False, name: str | None = None):
+    def __init__(self, model, steps=None, checkpoint: bool = False):
         self.model = model
         self.schedule: NoiseSchedule = respaced(model.schedule, steps)
         self.checkpoint = bool(checkpoint)
@@ -163,7 +163,7 @@ class DDIMSampler(Sampler):
 
     kind = "ddim"
 
-    def __init__(self, model, steps=None, eta: float = 0.0, checkpoint: bool = False, name: str | None = None):
+    def __init__(self, model, steps=None, eta: float = 0.0, checkpoint: bool = False):
         super().__init__(model, steps, checkpoint)
         if not 0.0 <= float(eta) <= 1.0:
             raise CfxError(f"sampler.eta={eta} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like)")

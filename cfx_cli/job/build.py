@@ -10,6 +10,8 @@ and factor oracle here.
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -80,7 +82,30 @@ def explained_model(cfg: DictConfig):
     if not node:
         raise CfxError("no explained model: choose classifier=<name> or regressor=<name>")
     check_node(node, key)
-    return instantiate(node), key
+    return build_node(node, key), key
+
+
+# Keys of a group's node that the builder reads, passed on only to a loader that takes them: the resolution the
+# dataset follows (ADM's and DiffAE's checkpoint loaders build their network by it, among their **flags; the
+# others read the model's own) and whether any method was tuned for the model (``fit_defaults``).
+BUILDER_KEYS = {"image_size": True, "tuned": False}   # key: passed to a loader's **flags too
+
+
+def build_node(node: DictConfig, group: str, **kwargs):
+    """Hydra's ``instantiate`` of the ``_target_`` node of config group ``group``. A loader that names the config
+    key of its file in its errors is told which (``key=<group>.path``: the option files do not restate it), and
+    the builder's own keys stay out of a loader that does not take them."""
+    params = target_parameters(node)
+    if not params:  # no importable target: Hydra's own error names it
+        return instantiate(node, **kwargs)
+    cfg = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)  # ??? names its full key
+    flags = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, as_flag in BUILDER_KEYS.items():
+        if key not in params and not (flags and as_flag):
+            cfg.pop(key, None)
+    if "key" in params and "key" not in cfg:
+        cfg["key"] = f"{group}.path"
+    return instantiate(cfg, **kwargs)
 
 
 # The typed parts a method may ask for by naming them in its constructor.
@@ -93,7 +118,8 @@ def instantiate_method(node: DictConfig, parts: dict):
 
     cfg = OmegaConf.to_container(node, resolve=True)
     cls = get_class(cfg.pop("_target_"))
-    name = cfg.pop("name", cls.__name__.lower())
+    cfg.pop("name", None)  # the progress bar's label (the job loop reads method.name), not a setting
+    name = getattr(cls, "name", cls.__name__.lower())  # a method class names itself (method=<that name>)
     params = inspect.signature(cls.__init__).parameters
     unknown = [k for k in cfg if k not in params or k in parts]
     if unknown:
@@ -150,30 +176,47 @@ def check_node(node: DictConfig | None, prefix: str) -> None:
             check_type(f"{prefix}.{key}", value, params[key].default)
 
 
-def check_resolution(dataset, generative) -> int | None:
-    """Images travel at the generative model's resolution: the dataset must deliver it. Returns it."""
+def check_resolution(dataset, generative, follows: bool = False) -> int | None:
+    """Images travel at the generative model's resolution: the dataset must deliver it. Returns it. ``follows``:
+    the dataset's size is the config's diffusion.image_size (the default), so that is the key to fix."""
     data_size = getattr(dataset, "image_size", None) or getattr(getattr(dataset, "world", None), "image_size", None)
     if data_size and generative.image_size and int(data_size) != int(generative.image_size):
-        raise CfxError(f"dataset.image_size={data_size} but the diffusion model makes {generative.image_size}×"
-                       f"{generative.image_size} images: set dataset.image_size={generative.image_size} "
+        size = generative.image_size
+        fix = (f"set diffusion.image_size={size} (the dataset follows it)" if follows else
+               f"set dataset.image_size={size}, or leave it out (it follows diffusion.image_size)")
+        raise CfxError(f"dataset.image_size={data_size} but the diffusion model makes {size}×{size} images: {fix} "
                        f"(images travel at the generative model's resolution)")
     return int(data_size) if data_size and generative.image_size else None
 
 
-# Generative models that come with no tuning of their own: a user's diffusers folder.
-UNTUNED = ("diffusers_ddpm",)
+def folder_image_size(path) -> int | None:
+    """The resolution of a diffusers model folder (unet/config.json's ``sample_size``), None if unreadable: the
+    loader then says what is wrong with the folder."""
+    try:
+        size = json.loads((Path(str(path)) / "unet" / "config.json").read_text()).get("sample_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def fit_defaults(cfg: DictConfig) -> list[str]:
-    """With a user's own generative model and no tuning for it, the papers' perceptual term (it needs
-    VGG weights that the user may not have) is off unless its weights are given; says so. Changes
-    ``cfg`` before its config is recorded, so the job folder shows the value used."""
+    """Fits the config to a user's own generative model, before the job records its config (so the job folder
+    shows the values used): ``diffusion.image_size: null`` becomes the model folder's resolution (the dataset
+    follows it), and with ``diffusion.tuned: false`` (no method was tuned for the model) the papers' perceptual
+    term, which needs VGG weights the user may not have, is off unless its weights are given; says so."""
     notes = []
-    if cfg.diffusion.get("name") in UNTUNED and "lambda_perc" in cfg.method \
+    diffusion = cfg.get("diffusion")
+    if diffusion is not None and "image_size" in diffusion and diffusion.image_size is None:
+        size = folder_image_size(OmegaConf.select(cfg, "diffusion.path", throw_on_missing=False))
+        if size is not None:
+            diffusion.image_size = size
+    if diffusion is not None and diffusion.get("tuned", True) is False and "lambda_perc" in cfg.method \
             and cfg.method.get("perceptual_weights") is None and cfg.method.lambda_perc:
-        notes.append(f"no tuning for diffusion={cfg.diffusion.name}: method.lambda_perc={cfg.method.lambda_perc} "
-                     f"needs method.perceptual_weights, none given, so the perceptual term is off "
-                     f"(method.lambda_perc=0); the other method defaults are the paper's")
+        notes.append(f"no tuning for this diffusion model (diffusion.tuned=false): method.lambda_perc="
+                     f"{cfg.method.lambda_perc} needs method.perceptual_weights, none given, so the perceptual term "
+                     f"is off (method.lambda_perc=0); the other method defaults are the paper's")
         cfg.method.lambda_perc = 0.0
     return notes
 
@@ -221,9 +264,29 @@ class JobParts:
     @property
     def dataset(self):
         def make():
-            check_node(self.cfg.get("dataset"), "dataset")
-            return instantiate(self.cfg.dataset)
+            node = self.cfg.get("dataset")
+            check_node(node, "dataset")
+            if self.size_from_model:
+                return instantiate(node, image_size=self.generative_size())
+            return instantiate(node)
         return self.part("dataset", make)
+
+    @property
+    def size_from_model(self) -> bool:
+        """The dataset's image_size is null (a user's diffusers folder whose size was not read): the generative
+        model's own."""
+        node = self.cfg.get("dataset")
+        return isinstance(node, DictConfig) and "image_size" in node and node.image_size is None
+
+    def generative_size(self) -> int:
+        """The generative model's resolution, for a dataset that follows it (a part it needs: its failure is
+        the diffusion's, not the dataset's)."""
+        try:
+            return self.generative.image_size
+        except NeedsFailedPart:
+            raise
+        except Exception:  # noqa: BLE001 - recorded under "diffusion", reported there
+            raise NeedsFailedPart(["diffusion"]) from None
 
     @property
     def model(self):
@@ -247,7 +310,7 @@ class JobParts:
     def generative(self):
         def make():
             check_node(self.cfg.get("diffusion"), "diffusion")
-            generative = instantiate(self.cfg.diffusion).to(self.device)
+            generative = build_node(self.cfg.diffusion, "diffusion").to(self.device)
             if isinstance(getattr(generative, "decoder", None), nn.Module):  # a latent model's decoder: nfe_decoder
                 generative.decoder = Counted(generative.decoder, self.meter, "decoder")
             return Counted(generative, self.meter, "unet")
@@ -258,7 +321,9 @@ class JobParts:
         prompts named after the dataset's classes."""
         def make():
             dataset, generative = self.dataset, self.generative
-            size = check_resolution(dataset, generative)
+            follows = OmegaConf.select(self.cfg, "dataset.image_size", default=None) == \
+                OmegaConf.select(self.cfg, "diffusion.image_size", default=None)
+            size = check_resolution(dataset, generative, follows)
             if hasattr(generative, "set_class_names") and getattr(dataset, "classes", None):
                 generative.set_class_names(dataset.classes)
             return size
@@ -270,9 +335,7 @@ class JobParts:
         def make():
             generative = self.generative
             check_node(self.cfg.get("sampler"), "sampler")
-            sampler_cfg = OmegaConf.to_container(self.cfg.sampler, resolve=True)
-            sampler_cfg.pop("name", None)
-            return instantiate(sampler_cfg, model=generative)
+            return instantiate(self.cfg.sampler, model=generative)
         return self.part("sampler", make)
 
     @property
@@ -281,7 +344,8 @@ class JobParts:
             if not self.cfg.get("robust_model"):
                 return None
             check_node(self.cfg.robust_model, "robust_model")
-            return Counted(instantiate(self.cfg.robust_model).to(self.device), self.meter, "robust_model")
+            return Counted(build_node(self.cfg.robust_model, "robust_model").to(self.device), self.meter,
+                           "robust_model")
         return self.part("robust_model", make)
 
     @property
@@ -316,12 +380,14 @@ class JobParts:
                     check_type(f"metrics.{key}", metrics[key], 0.1)
             if not metrics.get("oracle") or not getattr(self.dataset, "has_factors", False):
                 return None
-            return OracleMetrics(instantiate(metrics.oracle).to(self.device), self.dataset.world,
+            return OracleMetrics(build_node(metrics.oracle, "metrics.oracle").to(self.device), self.dataset.world,
                                  size_tol=metrics.size_tol, pos_tol=metrics.pos_tol)
         return self.part("metrics.oracle", make)
 
     def all(self) -> dict:
         """Every part, in the order a job needs them (the first problem raises)."""
+        if self.size_from_model:  # the dataset needs the model's resolution: the model's problem is the first
+            self.generative
         dataset, model, generative = self.dataset, self.model, self.generative
         self.match_dataset()
         parts = {"dataset": dataset, "model": model, "model_key": self.model_key, "objective": self.objective,

@@ -48,7 +48,9 @@ def realism_metrics(ecfg: DictConfig, cfg: DictConfig | None, names: list[str], 
     r = ecfg.realism
     kind = str(r.features)
     if kind == "auto":
-        dataset = str(OmegaConf.select(cfg, "dataset.name", default="")) if cfg is not None else ""
+        from cfx_cli.config import choice
+
+        dataset = choice(cfg, "dataset") if cfg is not None else None
         kind = "oracle" if dataset == "synthetic" else "inception"
     try:
         net = build_extractor(kind, oracle=r.oracle, inception_weights=r.inception_weights)

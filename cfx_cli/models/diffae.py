@@ -77,7 +77,7 @@ class DiffAE(PixelSpace, nn.Module):
         return self.unet(z_t, t, class_labels=self.encoder.to_emb(cond)).sample
 
 
-def load_diffae(path: str | Path, key: str = "diffusion.path", name: str | None = None, weights: str = "ema",
+def load_diffae(path: str | Path, key: str = "diffusion.path", weights: str = "ema",
                 clip_denoised: bool = True, architecture: str | None = None, **flags) -> DiffAE:
     """A Diff-AE: a folder written by ``cfx train synthetic_diffae`` (``unet/``, ``encoder/``,
     ``scheduler/``) or the official Lightning checkpoint (``last.ckpt``; flags of its architecture

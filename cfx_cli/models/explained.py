@@ -52,7 +52,7 @@ class ExplainedModel(nn.Module):
         return out.squeeze(-1) if self.task == "regression" else out
 
 
-def zoo_model(path: str, task: str, key: str = "classifier.path", name: str | None = None) -> ExplainedModel:
+def zoo_model(path: str, task: str, key: str = "classifier.path") -> ExplainedModel:
     """A cfx zoo model (safetensors + config.json) as an explained model."""
     from cfx_cli.models.small_cnn import CLASSIFIERS, load_zoo_model
 
@@ -69,7 +69,7 @@ def zoo_model(path: str, task: str, key: str = "classifier.path", name: str | No
 
 
 def wrap_module(module: nn.Module, task: str, weights: str | None = None, input_size: int | None = None,
-                normalize: str = "none", key: str = "classifier.weights", name: str | None = None) -> ExplainedModel:
+                normalize: str = "none", key: str = "classifier.weights") -> ExplainedModel:
     """Any ``nn.Module`` built by ``_target_``, with optional weights from a safetensors or state-dict file."""
     if weights:
         from cfx_cli.models.checkpoints import load_state_dict

@@ -97,7 +97,7 @@ def compiled(net: nn.Module) -> nn.Module:
 
 
 def load_diffusers_ddpm(path: str | Path, variance: str = "fixed_small", clip_denoised: bool = True,
-                        key: str = "diffusion.path", name: str | None = None, compile: bool = False) -> PixelDiffusion:
+                        key: str = "diffusion.path", compile: bool = False) -> PixelDiffusion:
     """A diffusers-format DDPM folder (``unet/`` + ``scheduler/``, or a bare UNet folder next to a
     ``scheduler_config.json``), loaded offline."""
     from diffusers import UNet2DModel
@@ -139,7 +139,7 @@ def load_diffusers_ddpm(path: str | Path, variance: str = "fixed_small", clip_de
                           channels=unet.config.in_channels, compile=compile)
 
 
-def load_adm(path: str | Path, key: str = "diffusion.path", name: str | None = None, clip_denoised: bool = True,
+def load_adm(path: str | Path, key: str = "diffusion.path", clip_denoised: bool = True,
              diffusion_steps: int = 1000, noise_schedule: str = "linear", compute_dtype: str | None = None,
              compile: bool = False, **flags) -> PixelDiffusion:
     """An OpenAI guided-diffusion (ADM) checkpoint: a plain state_dict built by the flags that

@@ -186,7 +186,7 @@ def _from_pretrained(cls, folder: Path, key: str, path, **kwargs):
         raise CfxError(f"{key}={path}: cannot load {folder.name}/ ({type(e).__name__}: {first})") from None
 
 
-def load_latent_diffusion(path: str | Path, key: str = "diffusion.path", name: str | None = None,
+def load_latent_diffusion(path: str | Path, key: str = "diffusion.path",
                           prompt: str = "a photo of a {}.", class_prompts: list[str] | None = None,
                           sample_posterior: bool = False, num_classes: int = 1000, unet_config: dict | None = None,
                           vq_config: dict | None = None) -> LatentDiffusion:

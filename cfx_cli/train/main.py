@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cfx_cli.config import choice
 from cfx_cli.data.synthetic import SyntheticWorld
 from cfx_cli.errors import CfxError
 from cfx_cli.models.small_cnn import save_zoo_model
@@ -15,8 +16,8 @@ from cfx_cli.train import supervised
 
 
 def world_from(cfg: DictConfig) -> SyntheticWorld:
-    if cfg.dataset.name != "synthetic":
-        raise CfxError(f"dataset={cfg.dataset.name}: cfx train makes the synthetic benchmark's models (dataset=synthetic) "
+    if (dataset := choice(cfg, "dataset")) != "synthetic":
+        raise CfxError(f"dataset={dataset}: cfx train makes the synthetic benchmark's models (dataset=synthetic) "
                        f"or models of your images (dataset=folder)")
     d = OmegaConf.to_container(cfg.dataset, resolve=True)
     d.update(OmegaConf.to_container(cfg.trainable.world, resolve=True))
@@ -152,7 +153,7 @@ def train(cfg: DictConfig) -> dict:
     out = output_folder(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    if cfg.dataset.name == "folder":
+    if choice(cfg, "dataset") == "folder":
         return train_on_folder(cfg, out)
     if t.get("folder_only"):
         raise CfxError(f"cfx train {t.name} trains on your images: add dataset=folder dataset.root=<folder>")
