@@ -37,7 +37,9 @@ fi
 
 [[ $(id -u) == 0 ]] || die "needs root (it installs packages and starts slurmctld/slurmd as root); run it with sudo"
 
-if command -v sinfo >/dev/null && [[ -f $CONF ]] && answering; then
+# Ours answering: its daemons alive too (sinfo says idle for SlurmdTimeout, 5 min, after slurmd dies).
+if command -v sinfo >/dev/null && [[ -f $CONF ]] && answering &&
+   { ! grep -qF "$MARK" "$CONF" || { pid_alive "$STATE/slurmctld.pid" && pid_alive "$STATE/slurmd.pid"; }; }; then
   echo "slurm_local: already running: $(sinfo -h -o '%P %D node(s) %c CPUs %m MB %T' | head -1)"
   exit 0
 fi

@@ -56,3 +56,33 @@ def test_shards_are_merged_before_set_level_metrics(tmp_path):
     both = pd.concat([s0, s1])
     assert table.loc[0, "num_samples_mean"] == 4
     assert table.loc[0, "l1_mean"] == pytest.approx(both["l1"].mean(), rel=1e-5)
+
+
+def test_sweep_names_the_live_process_holding_a_job_folder(tmp_path):
+    """A sweep's job whose folder another live process holds (an earlier submission still running there) is
+    refused the folder; the sweep's last line names the job and the holder that the lock file records."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sweep = tmp_path / "sweep"
+    job_dir = sweep / "job0"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom cfx_cli.outputs import JobLock, JobWriter\n"
+         f"lock = JobLock({str(job_dir)!r}); lock.acquire(); JobWriter({str(job_dir)!r}).status(state='running')\n"
+         "print('held', flush=True); sys.stdin.read()"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = cfx("run", "-m", "seed=0", *TINY,
+                   f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}", check=False)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert f"hydra.run.dir={job_dir} is in use by pid {holder.pid} on " in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cfx run: 1 of 1 jobs of the sweep {sweep} did not finish "
+                           f"(job0: running, lock taken by pid {holder.pid} on ")
+    assert not (job_dir / "samples.csv").exists()
