@@ -69,13 +69,16 @@ SPECS = {
     "diffae": Spec("diffae", ("method=diffae",), "method.iterations"),
 }
 EXPLORED = ("fastdime", "maskdime")  # the cheap methods searched under the cap
-# Settings tried at each searched grid besides the method's own (kept where the method's config has the key).
-# FastDiME's public_mask_noise=false keeps the region outside the mask at z_{t-1}'s noise level, not the level
-# before it as the public code does: on a grid of 26 a step spans ~38 of the 1000 levels, and the mismatch
-# leaves a speckled ring at the mask's edge (measured, 32 images: ideal-CF l1 0.0248 -> 0.0220 at 13 guided
-# steps). MaskDiME's public_last_noise=false ends on x outside its mask rather than q_sample(x, 0).
-EXPLORE_SETTINGS = {"fastdime": [(), ("method.public_mask_noise=false",)],
-                    "maskdime": [(), ("method.public_last_noise=false",)]}
+# Settings tried at each searched grid besides the method's own, each alone and together (where the method's
+# config has the key). Measured with FastDiME on 32 images (seed 0) at 13-15 guided steps:
+# - one scale, the method's first: under the cap a retry (an image not flipped runs a whole pass again at the
+#   next scale) leaves no room, and the next scale (3x) on so coarse a grid draws noise: one image retried at
+#   60 ended 0.178 from its ideal CF, against ~0.02 for the rest; with one scale it stays unflipped instead.
+# - FastDiME's public_mask_noise=false keeps the region outside the mask at z_{t-1}'s noise level, not the level
+#   before it as the public code does: on a grid of 26 a step spans ~38 of the 1000 levels, and the mismatch
+#   leaves a speckled ring at the mask's edge. MaskDiME's public_last_noise=false ends on x outside its mask
+#   rather than on q_sample(x, 0).
+NOISE_SETTING = {"fastdime": "method.public_mask_noise=false", "maskdime": "method.public_last_noise=false"}
 
 
 def conf_dir() -> Path:
@@ -169,8 +172,8 @@ def explore_points(cap: float, table: dict[str, Defaults], keys, settings=None) 
     """FastDiME / MaskDiME under the cap: guided steps g = floor(cap) and two and four fewer, at the default
     noise level (the grid is g over the default's guided share), so that one pass fits under the cap and the
     scales' retries (every image not flipped runs again) are what spends the rest; each grid with the
-    ``settings`` of that method (default EXPLORE_SETTINGS, filtered by ``has_key``). Measured with FastDiME,
-    fewer guided steps (10 of 20) flip on edge noise the oracle does not read (adversarial)."""
+    ``settings`` of that method (``explore_settings()``; none: its own only). Measured with FastDiME, fewer
+    guided steps (10 of 20) flip on edge noise the oracle does not read (adversarial)."""
     points = []
     for key in keys:
         if key not in table:
@@ -193,8 +196,22 @@ def has_key(spec: Spec, override: str) -> bool:
 
 
 def explore_settings() -> dict[str, list[tuple[str, ...]]]:
-    return {key: [s for s in options if all(has_key(SPECS[key], o) for o in s)]
-            for key, options in EXPLORE_SETTINGS.items() if available(key)}
+    """Per searched method: its own setting, one scale (its first), its noise setting, and both."""
+    from omegaconf import OmegaConf
+
+    from cfx_cli.config import compose
+
+    out = {}
+    for key in EXPLORED:
+        if not available(key):
+            continue
+        cfg = compose(list(SPECS[key].overrides))
+        scales = OmegaConf.select(cfg, "method.scales")
+        one = (f"method.scales=[{float(scales[0])}]",) if scales is not None and len(scales) > 1 else ()
+        noise = (NOISE_SETTING[key],) if key in NOISE_SETTING and has_key(SPECS[key], NOISE_SETTING[key]) else ()
+        options = [(), one, noise, one + noise]
+        out[key] = list(dict.fromkeys(options))  # unique (a missing part repeats one), the plain one first
+    return out
 
 
 def custom_point(text: str, table: dict[str, Defaults]) -> Point:
@@ -233,7 +250,7 @@ def run_point(point: Point, args) -> dict:
         child.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
     measured = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_mib": usage.ru_maxrss / 1024,
-                "returncode": child.returncode, "command": cmd}
+                "returncode": child.returncode, "command": cmd, "code": code_version()}
     if child.returncode != 0:
         tail = (folder / "child.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         print(f"[{point.spec} {point.label}] failed (exit {child.returncode}): {tail[0]}", flush=True)
@@ -262,7 +279,7 @@ def read_row(point: Point, folder: Path, measured: dict) -> dict:
             "l1": metrics["l1"], "unet_forward": fwd, "unet_backward": bwd, CALLS: fwd + bwd,
             "seconds_per_cf": metrics["seconds_per_cf"], "job_peak_mib": metrics.get("peak_mem_mib", float("nan")),
             "wall_s": measured["wall_s"], "cpu_s": measured["cpu_s"], "max_rss_mib": measured["max_rss_mib"],
-            "folder": str(folder)}
+            "code": measured.get("code", "?"), "folder": str(folder)}
 
 
 # ------------------------------------------------------------------------------------- the verdict and table
@@ -385,7 +402,8 @@ def write_outputs(rows: list[dict], ref: dict, v: dict, args) -> str:
         w.writeheader()
         w.writerows(rows)
     plot(rows, ref, v["cap"], out / "frontier.png")
-    text = (f"# Quality against cost on the synthetic benchmark\n\ncfx at {code_version()}; "
+    codes = sorted({r.get("code", "?") for r in rows})
+    text = (f"# Quality against cost on the synthetic benchmark\n\ncfx at {', '.join(codes)}; "
             f"{args.images} test images (seed {args.seed}), "
             f"clean shape classifier, device {args.device}; one `cfx run` per point (`python3 scripts/bench_frontier.py {' '.join(sys.argv[1:])}`).\n"
             f"UNet calls per image: forward + backward passes (samples.csv nfe_unet, nfe_unet_backward); peak RSS: "
