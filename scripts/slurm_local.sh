@@ -44,6 +44,10 @@ if command -v sinfo >/dev/null && [[ -f $CONF ]] && answering &&
   exit 0
 fi
 
+if [[ -f $CONF ]] && ! grep -qF "$MARK" "$CONF"; then
+  die "$CONF exists and was not written by this script; move it away to let the script write its own, or start that cluster yourself"
+fi
+
 # --- packages ------------------------------------------------------------------------------------------
 need=()
 for cmd in slurmctld slurmd sinfo munged; do command -v "$cmd" >/dev/null || need+=("$cmd"); done
@@ -75,9 +79,6 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # --- slurm.conf ----------------------------------------------------------------------------------------
-if [[ -f $CONF ]] && ! grep -qF "$MARK" "$CONF"; then
-  die "$CONF exists and was not written by this script; move it away to let the script write its own, or start that cluster yourself"
-fi
 host=$(hostname -s)
 cpus=$(nproc)
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
