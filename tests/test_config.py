@@ -276,6 +276,25 @@ def test_a_wrong_size_names_the_key_to_fix(compose, one_thread):
             parts.match_dataset()
 
 
+def test_the_builder_names_the_key_of_each_file(tmp_path):
+    """Options do not say which key named their file: the builder tells the loader (<group>.<its file argument>),
+    so a robust model's error names robust_model.path and a module's weights <group>.weights."""
+    from cfx_cli.errors import CfxError
+    from cfx_cli.job.build import build_node
+
+    zoo = OmegaConf.create({"_target_": "cfx_cli.models.explained.zoo_model", "path": str(tmp_path / "none"),
+                            "task": "classification"})
+    module = OmegaConf.create({"_target_": "cfx_cli.models.explained.wrap_module", "task": "regression",
+                               "module": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 1},
+                               "weights": str(tmp_path / "none.pt")})
+    for node, group, key in ((zoo, "robust_model", "robust_model.path"), (zoo, "regressor", "regressor.path"),
+                             (module, "regressor", "regressor.weights")):
+        with pytest.raises(Exception) as e:
+            build_node(node, group)
+        cause = e.value.__cause__ if e.value.__cause__ is not None else e.value
+        assert isinstance(cause, CfxError) and str(cause).startswith(f"{key}={tmp_path}"), (group, str(cause))
+
+
 def test_untuned_model_drops_the_perceptual_term_without_its_weights(compose, tmp_path):
     """diffusion.tuned: false (a user's diffusers DDPM): the papers' VGG term is off unless its weights are
     given, with a note; a tuned model (the papers' ADM, the shipped DDPM) keeps the method's values."""

@@ -93,18 +93,20 @@ BUILDER_KEYS = {"image_size": True, "tuned": False}   # key: passed to a loader'
 
 def build_node(node: DictConfig, group: str, **kwargs):
     """Hydra's ``instantiate`` of the ``_target_`` node of config group ``group``. A loader that names the config
-    key of its file in its errors is told which (``key=<group>.path``: the option files do not restate it), and
-    the builder's own keys stay out of a loader that does not take them."""
+    key of its file in its errors is told which (``key=<group>.<its file argument>``, e.g. robust_model.path:
+    the option files do not restate it), and the builder's own keys stay out of a loader that does not take them."""
     params = target_parameters(node)
     if not params:  # no importable target: Hydra's own error names it
         return instantiate(node, **kwargs)
     cfg = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)  # ??? names its full key
-    flags = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key, as_flag in BUILDER_KEYS.items():
-        if key not in params and not (flags and as_flag):
-            cfg.pop(key, None)
-    if "key" in params and "key" not in cfg:
-        cfg["key"] = f"{group}.path"
+    takes_flags = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name, as_flag in BUILDER_KEYS.items():
+        if name not in params and not (takes_flags and as_flag):
+            cfg.pop(name, None)
+    key = params.get("key")
+    if key is not None and "key" not in cfg:  # the loader's default names its file argument: path, weights
+        leaf = key.default.rsplit(".", 1)[-1] if isinstance(key.default, str) else "path"
+        cfg["key"] = f"{group}.{leaf}"
     return instantiate(cfg, **kwargs)
 
 
