@@ -13,6 +13,9 @@ from cfx_cli.models.perceptual import VGGPerceptual, vgg19_features
 from cfx_cli.models.small_cnn import SmallCNN, load_zoo_model, save_zoo_model
 from cfx_cli.train.ddpm import build_unet
 
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
 
 def test_diffusers_folder_round_trip(tmp_path):
     from diffusers import DDPMScheduler
@@ -67,9 +70,8 @@ def test_vgg_perceptual_loads_torchvision_layout(tmp_path):
     assert [type(m) for m in perc.features] == [type(m) for m in vgg19_features(18, device="meta")]
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = torch.rand(2, 3, 32, 32) * 2 - 1
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():  # DiME: MSE of VGG19 features[:18] (relu3_4) of the ImageNet-normalised [0, 1] images
-        fx, fy = feats[:18](((x + 1) / 2 - mean) / std), feats[:18](((y + 1) / 2 - mean) / std)
+        fx, fy = feats[:18](((x + 1) / 2 - MEAN) / STD), feats[:18](((y + 1) / 2 - MEAN) / STD)
     torch.testing.assert_close(perc(x, y), (fx - fy).pow(2).mean(dim=(1, 2, 3)))
     assert torch.allclose(perc(x, x), torch.zeros(2))
     with pytest.raises(CfxError, match="method.perceptual_weights is null"):
@@ -80,6 +82,36 @@ def test_vgg_perceptual_loads_torchvision_layout(tmp_path):
     with pytest.raises(CfxError, match=r"method.perceptual_weights=.*bad.safetensors: features.5.weight has shape "
                                        r"\[128, 32, 3, 3\], expected \[128, 64, 3, 3\]"):
         VGGPerceptual(str(tmp_path / "bad.safetensors"))
+
+
+def test_perceptual_clamp_passes_gradient_at_the_bounds_on_every_torch(tmp_path):
+    """DiME's Normalizer clamps to [-1, 1]; the papers' torch (and torch <= 2.13) let the gradient through at
+    exactly ±1, where DiME's clipped clean estimates sit; torch 2.14's clamp does not. cfx keeps the former."""
+    from cfx_cli.models.perceptual import clamp_passing_bounds
+
+    x = torch.tensor([-3.0, -1.0, -0.25, 1.0, 1.5], requires_grad=True)
+    y = clamp_passing_bounds(x)
+    assert y.tolist() == [-1.0, -1.0, -0.25, 1.0, 1.0]
+    (g,) = torch.autograd.grad((y * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])).sum(), x)
+    assert g.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+
+    g8 = torch.Generator().manual_seed(3)
+    state = {f"features.{k}": torch.randn(v.shape, generator=g8) * 0.1
+             for k, v in vgg19_features(18, device="meta").state_dict().items()}
+    save_file(state, str(tmp_path / "vgg.safetensors"))
+    perc = VGGPerceptual(str(tmp_path / "vgg.safetensors"))
+    img = (torch.rand(1, 3, 8, 8, generator=g8) * 2 - 1)
+    img[0, :, 2, 3] = torch.tensor([1.0, -1.0, 1.0])  # a clipped pixel
+    img[0, :, 5, 5] = torch.tensor([1.3, -1.2, 2.0])  # outside: no gradient
+    ref = torch.rand(1, 3, 8, 8, generator=g8) * 2 - 1
+    x = img.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(perc(x, ref).sum(), x)
+    free = img.clamp(-1, 1).requires_grad_(True)  # the same values, no clamp in the graph: the gradient at ±1
+    (gf,) = torch.autograd.grad(perc.features(((free + 1) / 2 - MEAN) / STD).sub(
+        perc.features(((ref + 1) / 2 - MEAN) / STD)).pow(2).mean(), free)
+    assert gx[0, :, 2, 3].abs().min() > 0
+    torch.testing.assert_close(gx[0, :, 2, 3], gf[0, :, 2, 3])
+    assert torch.equal(gx[0, :, 5, 5], torch.zeros(3))
 
 
 def test_compile_option_wraps_the_network_lazily(tmp_path):

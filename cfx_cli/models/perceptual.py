@@ -25,6 +25,17 @@ def vgg19_features(upto: int = 18, device: str | torch.device | None = None) -> 
         return vgg19(weights=None).features[:upto]
 
 
+def clamp_passing_bounds(x: Tensor) -> Tensor:
+    """``x.clamp(-1, 1)`` whose gradient passes at x = ±1 and is 0 outside, on every torch version.
+
+    DiME's ``Normalizer`` clamps, and the papers' runs (and the parity fixtures, torch 2.13) had a clamp whose
+    backward kept the bounds (``min <= x <= max``); torch 2.14's clamp passes no gradient at x = ±1. DiME's
+    clean estimate sits exactly at ±1 wherever ``clip_denoised`` clipped it (over a thousand pixels per
+    image in the parity runs), so the newer clamp changes the counterfactuals."""
+    inside = (x >= -1) & (x <= 1)
+    return torch.where(inside, x, x.detach().clamp(-1, 1))
+
+
 class VGGPerceptual(nn.Module):
     def __init__(self, weights: str | None, upto: int = 18, key: str = "method.perceptual_weights"):
         super().__init__()
@@ -50,7 +61,7 @@ class VGGPerceptual(nn.Module):
     def _features(self, x: Tensor) -> Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        return self.features(TF.normalize((x.clamp(-1, 1) + 1) / 2, IMAGENET_MEAN, IMAGENET_STD))
+        return self.features(TF.normalize((clamp_passing_bounds(x) + 1) / 2, IMAGENET_MEAN, IMAGENET_STD))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample mean squared feature difference; images in [-1, 1], clamped to it first as DiME's
