@@ -15,14 +15,12 @@ code does (``data[partition_df['partition'] == p]``). Sizes of the official part
 
 Preprocessing is the papers' torchvision ``Resize(image_size)`` then ``CenterCrop(image_size)``
 then ``ToTensor`` and ``Normalize(0.5, 0.5)`` (DiME ``core/image_datasets.py``, class
-``CelebADataset``; ACE ``guided_diffusion/image_datasets.py``), re-implemented on PIL without
-torchvision: the shorter side is resized to ``image_size`` and the longer one to
-``int(image_size * long / short)`` (truncated, as torchvision does: 178x218 -> 128x156) with
-PIL's BILINEAR filter (torchvision's default interpolation; on PIL images it is always
-antialiased, i.e. the filter support widens with the downscale factor), then the centre crop
-starts at ``int(round((size - crop) / 2))`` as torchvision's ``center_crop`` (178x218 -> top 14),
-and ``x = (uint8 / 255 - 0.5) / 0.5``. (guided-diffusion's BOX+BICUBIC ``center_crop_arr`` is
-not what the CelebA papers' data loaders use.)
+``CelebADataset``; ACE ``guided_diffusion/image_datasets.py``), by torchvision on the PIL image as
+there: the shorter side is resized to ``image_size`` and the longer one to
+``int(image_size * long / short)`` (178x218 -> 128x156) with the bilinear filter (torchvision's
+default; on PIL images always antialiased), then the centre crop starts at
+``int(round((size - crop) / 2))`` (178x218 -> top 14), and ``x = (uint8 / 255 - 0.5) / 0.5``.
+(guided-diffusion's BOX+BICUBIC ``center_crop_arr`` is not what the CelebA papers' data loaders use.)
 
 ``subset="mini_val"`` is the papers' "mini-val": DiME/ACE ``utils/create-mini-val.py`` draws
 ``random.seed(5); indexes = random.choices(list(range(len(val))), k=1000); indexes.sort()``
@@ -44,6 +42,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from cfx_cli.data import images
 from cfx_cli.data.images import dataset_root, open_rgb, positive_int, to_tensor
 from cfx_cli.errors import CfxError
 
@@ -109,15 +108,8 @@ def draw_subset(n: int, size: int = 1000, seed: int = 5) -> list[int]:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """torchvision ``Resize(size)`` (bilinear, PIL's antialiased filter) + ``CenterCrop(size)`` on PIL."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    """DiME's ``Resize(size)`` (bilinear) + ``CenterCrop(size)``, torchvision on the PIL image."""
+    return images.resize_center_crop(img, size, size)
 
 
 def _find(root: Path, stem: str, dirs) -> Path | None:

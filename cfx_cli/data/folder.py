@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from cfx_cli.data.images import open_rgb
+from cfx_cli.data.images import open_rgb, to_tensor
 from cfx_cli.errors import CfxError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -75,11 +74,16 @@ class FolderDataset:
         return len(self.files)
 
     def _load(self, path: Path) -> torch.Tensor:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvf
+
         img = open_rgb(path, str(path.relative_to(self.root)))
-        s = min(img.size)  # centre crop, then resize
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        img = img.crop((left, top, left + s, top + s)).resize((self.image_size,) * 2, Image.BICUBIC)
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+        # the largest centred square, then bicubic to image_size (nothing of the image is squeezed). The square
+        # starts at floor((size - side) / 2), as guided-diffusion's center_crop_arr, not CenterCrop's
+        # round-half-even, which is one pixel further on some odd margins: earlier jobs' inputs stay the same.
+        s = min(img.size)
+        img = tvf.crop(img, (img.height - s) // 2, (img.width - s) // 2, s, s)
+        return to_tensor(tvf.resize(img, [self.image_size] * 2, interpolation=InterpolationMode.BICUBIC))
 
     def ids(self, indices) -> list[str]:
         """The items' ids without loading them (a resumed job checks that its done rows still match)."""

@@ -22,9 +22,9 @@ released ImageNet classifier: 0 = n01440764 tench); the list and the WordNet nam
 order in both layouts (by class, then file name), so an index means the same image as in DVCE's and
 ACE's code (DVCE's ``some_vces = {5358: ...}``) whichever layout holds the files; ``id`` is the file name.
 
-Preprocessing, re-implemented on PIL without torchvision (torchvision ``Resize(s)`` on a PIL image: the
-shorter side to ``s``, the longer to ``int(s * long / short)``, PIL's antialiased filter; ``CenterCrop``
-starts at ``int(round((size - crop) / 2))``), then ``ToTensor`` + ``Normalize(0.5, 0.5)`` to [-1, 1]:
+Preprocessing, by torchvision on the PIL image as in both papers' loaders (``Resize(s)``: the shorter side
+to ``s``, the longer to ``int(s * long / short)``, antialiased on PIL; ``CenterCrop`` starts at
+``int(round((size - crop) / 2))``), then ``ToTensor`` + ``Normalize(0.5, 0.5)`` to [-1, 1]:
 
 - default, ACE (``guided_diffusion/image_datasets.py``, ``get_dataset``, ImageNet): ``Resize(256)`` +
   ``CenterCrop(256)`` + ``ToTensor``, bilinear (torchvision's default);
@@ -45,11 +45,13 @@ import torch
 from PIL import Image
 
 from cfx_cli.data.images import dataset_root, open_rgb, positive_int, to_tensor
+from cfx_cli.data.images import resize_center_crop as _resize_center_crop
 from cfx_cli.errors import CfxError
 
 CLASSES_FILE = Path(__file__).with_name("imagenet_classes.tsv")
 EXTENSIONS = {".jpeg", ".jpg", ".png"}
-INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# the papers' two filters, by their torchvision InterpolationMode names
+INTERPOLATIONS = ("bilinear", "bicubic")
 _SYNSET = re.compile(r"n\d{8}")
 _IMAGE_DIRS = (".", "val", "ILSVRC/Data/CLS-LOC/val", "Data/CLS-LOC/val")
 _LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt",
@@ -68,15 +70,7 @@ def load_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
 def resize_center_crop(img: Image.Image, size: int, crop_fraction: float = 1.0,
                        interpolation: str = "bilinear") -> Image.Image:
     """torchvision ``Resize(floor(size / crop_fraction), interpolation)`` + ``CenterCrop(size)`` on PIL."""
-    scale = int(math.floor(size / crop_fraction))
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = scale, int(scale * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), INTERPOLATIONS[interpolation])
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    return _resize_center_crop(img, int(math.floor(size / crop_fraction)), size, interpolation)
 
 
 def _images(folder: Path, recursive: bool = False) -> list[Path]:

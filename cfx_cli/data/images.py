@@ -1,10 +1,12 @@
-"""What every image dataset shares: reading a file (an unreadable one fails its sample alone), the
-[-1, 1] tensor, and the positive-integer keys."""
+"""What every image dataset shares: reading a file (an unreadable one fails its sample alone), the papers'
+torchvision preprocessing (resize, centre crop, [-1, 1] tensor), and the positive-integer keys.
+
+torchvision is imported inside the functions, on the first image read: it costs seconds at import, which
+commands that read no image (``cfx --help``, listing jobs, reports) should not pay."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -22,9 +24,26 @@ def open_rgb(path: Path, item: str, message: str | None = None) -> Image.Image:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 HxWx3 -> 3xHxW in [-1, 1], as ``ToTensor`` + ``Normalize([.5]*3, [.5]*3)``."""
-    t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    return t.sub(0.5).div(0.5)
+    """RGB PIL image -> 3xHxW float in [-1, 1]: the papers' ``ToTensor()`` + ``Normalize([.5]*3, [.5]*3)``.
+
+    ``ToTensor`` is torchvision's v1 function on purpose: it divides by 255 as the papers' loaders do, where
+    v2's ``ToDtype(scale=True)`` multiplies by 1/255, which is one float32 ulp off on 126 of the 256 values."""
+    from torchvision.transforms import functional as v1
+    from torchvision.transforms.v2 import functional as tvf
+
+    return tvf.normalize(v1.to_tensor(img), [0.5] * 3, [0.5] * 3)
+
+
+def resize_center_crop(img: Image.Image, resize: int | list[int], crop: int,
+                       interpolation: str = "bilinear") -> Image.Image:
+    """torchvision ``Resize(resize, interpolation)`` then ``CenterCrop(crop)`` on a PIL image, as the papers'
+    loaders compose them: an int ``resize`` sets the shorter side (the longer one to ``int(resize * long /
+    short)``); on PIL the filter is always antialiased; the crop starts at ``int(round((size - crop) / 2))``."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+
+    img = tvf.resize(img, resize, interpolation=InterpolationMode(interpolation))
+    return tvf.center_crop(img, [crop, crop])
 
 
 def positive_int(key: str, value, hint: str) -> int:

@@ -3,11 +3,12 @@
 Every explained model takes images in [-1, 1] at the generative model's
 resolution and returns logits (N×K, classification) or values (N, regression);
 resizing and normalisation live here, so methods never normalise anything.
+Both are torchvision's tensor functions (differentiable: the methods' gradients flow through them);
+torchvision is imported on the first forward, not with this module, which every command imports.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfx_cli.errors import CfxError
@@ -37,17 +38,20 @@ class ExplainedModel(nn.Module):
         self.normalize = normalize
         self.num_classes = num_classes
         self.info = info or {}
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvf
+
         if self.input_size and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > self.input_size)
+            # bilinear, antialiased when shrinking only (e.g. 256 -> 224): the antialiased kernel upsamples one
+            # float32 ulp off the plain bilinear that cfx's zoo models were trained and checked with
+            x = tvf.resize(x, [self.input_size] * 2, interpolation=InterpolationMode.BILINEAR,
+                           antialias=x.shape[-1] > self.input_size)
         if self.normalize == "zero_one":
             x = (x + 1) / 2
         elif self.normalize == "imagenet":
-            x = ((x + 1) / 2 - self.mean) / self.std
+            x = tvf.normalize((x + 1) / 2, list(_IMAGENET_MEAN), list(_IMAGENET_STD))
         out = self.net(x)
         return out.squeeze(-1) if self.task == "regression" else out
 
