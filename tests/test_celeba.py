@@ -229,3 +229,25 @@ def test_hydra_config(celeba, compose):
     assert isinstance(ds, CelebADataset) and ds.query_index == SMILING and len(ds) == 5
     cfg = compose(["dataset=celeba", f"dataset.root={root}", "dataset.subset=mini_val"])
     assert len(instantiate(cfg.dataset)) == 1000
+
+
+def test_to_tensor_divides_by_255_as_the_papers_totensor():
+    # ToTensor divides by 255 (v2's ToDtype multiplies by 1/255, one ulp off on about half the values)
+    from cfx_cli.data.images import to_tensor
+
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    x = to_tensor(Image.fromarray(np.stack([values, values[::-1], values.T], -1)))
+    v = torch.arange(256, dtype=torch.float32).reshape(16, 16)
+    expect = (torch.stack([v, v.flip(0), v.T]) / 255 - 0.5) / 0.5
+    torch.testing.assert_close(x, expect, rtol=0, atol=0)
+
+
+def test_reading_no_image_imports_no_torchvision():
+    # torchvision costs seconds at import: the datasets and the explained model import it on first use only
+    import subprocess
+    import sys
+
+    code = ("import sys, cfx_cli.data.celeba, cfx_cli.data.imagenet, cfx_cli.data.folder, cfx_cli.models.explained; "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

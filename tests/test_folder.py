@@ -118,3 +118,19 @@ def test_left_right_flips_can_be_turned_off():
     assert torch.equal(plain, x[torch.as_tensor(idx)])
     flipped = folder_images(x, 64)(rng())
     assert not torch.equal(flipped, plain) and any(torch.equal(a, b.flip(-1)) for a, b in zip(flipped, plain))
+
+
+def test_images_are_the_centred_square_then_bicubic(tmp_path):
+    # 31x20 (w x h): the square starts at floor(11 / 2) = 5 (CenterCrop's round(5.5) would start at 6)
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (20, 31, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    Image.fromarray(arr.transpose(1, 0, 2).copy()).save(tmp_path / "tall.png")  # 20x31: top 5
+    ds = FolderDataset(str(tmp_path), image_size=12)
+    x = ds.batch([0, 1])["x"]  # sorted: tall, wide
+    square = Image.fromarray(arr[:, 5:25]).resize((12, 12), Image.Resampling.BICUBIC)
+    expect = torch.from_numpy(np.asarray(square).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(x[1], expect, rtol=0, atol=0)
+    square_t = Image.fromarray(arr.transpose(1, 0, 2)[5:25].copy()).resize((12, 12), Image.Resampling.BICUBIC)
+    torch.testing.assert_close(x[0], torch.from_numpy(np.asarray(square_t).astype(np.float32)).permute(2, 0, 1)
+                               / 127.5 - 1, rtol=0, atol=0)

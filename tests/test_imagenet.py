@@ -371,3 +371,23 @@ def test_dataset_config_instantiates(tmp_path, compose):
     assert ds.name == "imagenet" and ds.image_size == 32 and len(ds) == 6
     assert compose(["dataset=imagenet", "diffusion=adm_imagenet256"]).dataset.image_size == 256  # = the ADM's
     assert compose(["diffusion=adm_imagenet256"]).diffusion.image_size == 256
+
+
+def test_explained_model_resizes_and_normalises_as_torch_does():
+    from cfx_cli.models.explained import ExplainedModel
+
+    model = ExplainedModel(torch.nn.Identity(), "classification", input_size=28, normalize="imagenet")
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    for n, antialias in ((32, True), (16, False)):  # shrinking is antialiased, enlarging plain bilinear
+        x = (torch.rand(2, 3, n, n, generator=g) * 2 - 1).requires_grad_(True)
+        y = model(x)
+        x2 = x.detach().clone().requires_grad_(True)
+        expect = ((F.interpolate(x2, size=(28, 28), mode="bilinear", align_corners=False, antialias=antialias)
+                   + 1) / 2 - mean) / std
+        torch.testing.assert_close(y, expect, rtol=0, atol=0)
+        w = torch.randn(y.shape, generator=g)
+        (y * w).sum().backward()
+        (expect * w).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)  # the methods' gradients flow through
