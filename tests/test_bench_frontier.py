@@ -140,3 +140,22 @@ def test_every_spec_names_keys_of_its_composed_config():
         assert f"{d.prefix}{d.knob_value}" == str(OmegaConf.select(cfg, spec.knob))
         for k, v in d.scaled.items():
             assert 0 < v < d.knob_value and v == OmegaConf.select(cfg, k)
+
+
+def test_launcher_measures_the_job_not_the_benchmark(tmp_path):
+    """A child forked by a big process reports at least that process's RSS as its ru_maxrss (Linux counts the
+    copied address space at exec); through the launcher a child allocating 64 MiB reports about that, although
+    this test holds 400 MiB."""
+    import json
+    import subprocess
+
+    held = b"\x01" * (400 * 2**20)  # written: resident
+    out = tmp_path / "rusage.json"
+    rc = subprocess.run([sys.executable, "-c", bf.LAUNCHER, str(out), sys.executable, "-c",
+                         "x = bytearray(64 * 2**20)"]).returncode
+    assert rc == 0 and len(held)
+    mib = json.loads(out.read_text())["maxrss_kib"] / 1024
+    assert 64 <= mib < 200, mib
+    # the exit status comes through
+    assert subprocess.run([sys.executable, "-c", bf.LAUNCHER, str(out), sys.executable, "-c",
+                           "raise SystemExit(3)"]).returncode == 3
