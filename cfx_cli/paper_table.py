@@ -43,7 +43,7 @@ LAYOUT = {"classification": CLASSIFICATION, "regression": REGRESSION}
 
 # The papers' names of cfx's methods, for the rows.
 METHOD_NAMES = {"dime": "DiME", "fastdime": "FastDiME", "ace": "ACE", "dvce": "DVCE", "ldce": "LDCE",
-                "diffae": "Diff-AE", "diffae_re": "Diff-AE-RE"}
+                "diffae": "Diff-AE", "diffae_re": "Diff-AE-RE", "maskdime": "MaskDiME"}
 
 
 def _row_label(row: pd.Series, by: list[str], task: str) -> str:

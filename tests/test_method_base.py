@@ -40,7 +40,7 @@ def test_ace_mask_keeps_pixels_at_the_threshold_fastdime_mask_does_not():
 
 
 @pytest.mark.parametrize("path", ["dime.DiME", "fastdime.FastDiME", "ace.ACE", "dvce.DVCE", "ldce.LDCE",
-                                  "diffae_cf.DiffAECounterfactual", "diffae_cf.DiffAERE"])
+                                  "diffae_cf.DiffAECounterfactual", "diffae_cf.DiffAERE", "maskdime.MaskDiME"])
 def test_each_method_states_its_sampler_and_one_check_refuses_another(path):
     from types import SimpleNamespace
 

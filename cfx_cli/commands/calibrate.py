@@ -19,7 +19,7 @@ from cfx_cli.errors import CfxError, one_line_errors
 from cfx_cli.job.explain import BAR_FORMAT, BatchProgress
 
 # The key that sets each method's guidance strength.
-STRENGTH = {"dime": "method.scales", "fastdime": "method.scales", "dvce": "method.lambda_c", "ace": "method.step"}
+STRENGTH = {"dime": "method.scales", "fastdime": "method.scales", "maskdime": "method.scales", "dvce": "method.lambda_c", "ace": "method.step"}
 
 
 def override(key: str, value: float) -> str:
