@@ -189,16 +189,17 @@ def explore_points(cap: float, table: dict[str, Defaults], keys, settings=None) 
     return points
 
 
-def has_key(spec: Spec, override: str) -> bool:
-    """Whether ``override``'s key is in the spec's composed config (a setting of another version is skipped)."""
+def changes(cfg, override: str) -> bool:
+    """Whether ``override`` (key=value) changes the composed ``cfg``: its key is there (a setting of another
+    version is skipped) and holds another value (a tuning that already sets it needs no second point)."""
     from omegaconf import OmegaConf
 
-    from cfx_cli.config import compose
+    key, value = override.split("=", 1)
+    current = OmegaConf.select(cfg, key)
+    return current is not None and str(current).lower() != value.lower()
 
-    return OmegaConf.select(compose(list(spec.overrides)), override.split("=", 1)[0]) is not None
 
-
-def explore_settings() -> dict[str, list[tuple[str, ...]]]:
+def explore_settings(keys=EXPLORED) -> dict[str, list[tuple[str, ...]]]:
     """Per searched method: its own setting, one scale (its first), its noise setting, both, and both with the
     l1 term doubled."""
     from omegaconf import OmegaConf
@@ -206,13 +207,13 @@ def explore_settings() -> dict[str, list[tuple[str, ...]]]:
     from cfx_cli.config import compose
 
     out = {}
-    for key in EXPLORED:
+    for key in keys:
         if not available(key):
             continue
         cfg = compose(list(SPECS[key].overrides))
         scales = OmegaConf.select(cfg, "method.scales")
         one = (f"method.scales=[{float(scales[0])}]",) if scales is not None and len(scales) > 1 else ()
-        noise = (NOISE_SETTING[key],) if key in NOISE_SETTING and has_key(SPECS[key], NOISE_SETTING[key]) else ()
+        noise = (NOISE_SETTING[key],) if key in NOISE_SETTING and changes(cfg, NOISE_SETTING[key]) else ()
         l1 = OmegaConf.select(cfg, "method.lambda_l1")
         sparse = (f"method.lambda_l1={2 * float(l1):g}",) if l1 else ()
         options = [(), one, noise, one + noise, one + noise + sparse]
@@ -493,6 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="outputs/frontier")
     p.add_argument("--quick", action="store_true", help="DiME and FastDiME, 4 images, budgets 0.25 and 1, no search")
     p.add_argument("--no-explore", action="store_true", help="skip the search under the cap")
+    p.add_argument("--explore", nargs="+", default=list(EXPLORED), choices=EXPLORED,
+                   help=f"the methods searched under the cap (default: {' '.join(EXPLORED)}, where present)")
     p.add_argument("--force", action="store_true", help="re-run points whose job folder is already done")
     args = p.parse_args(argv)
     if args.quick:
@@ -512,7 +515,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--methods {missing[0]}: conf/method has no such method in this checkout "
                          f"({conf_dir()}); leave it out")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    needed = set(keys) | {"dime"} | {k for k in EXPLORED if available(k) and not args.no_explore}
+    needed = set(keys) | {"dime"} | {k for k in args.explore if available(k) and not args.no_explore}
     needed |= {t.split()[0] for t in args.point if t.split() and t.split()[0] in SPECS}
     table_ = {k: defaults(SPECS[k]) for k in SPECS if k in needed}
 
@@ -523,8 +526,9 @@ def main(argv=None) -> int:
     rows = [ref]
     seen = {ref_point.folder_name}
     # the search under the cap first (the finding), then every method's budgets, cheapest first
-    todo = [] if args.no_explore else explore_points(ref[CALLS] / GOAL_RATIO, table_,
-                                                     [k for k in EXPLORED if available(k)], explore_settings())
+    searched = [k for k in args.explore if available(k)]
+    todo = [] if args.no_explore else explore_points(ref[CALLS] / GOAL_RATIO, table_, searched,
+                                                     explore_settings(searched))
     todo += [custom_point(t, table_) for t in args.point]
     todo += budget_points(keys, args.budgets, parse_absolute(args.budget_of), table_)
     for point in todo:

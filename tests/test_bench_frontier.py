@@ -159,3 +159,12 @@ def test_launcher_measures_the_job_not_the_benchmark(tmp_path):
     # the exit status comes through
     assert subprocess.run([sys.executable, "-c", bf.LAUNCHER, str(out), sys.executable, "-c",
                            "raise SystemExit(3)"]).returncode == 3
+
+
+def test_a_search_setting_is_kept_only_where_it_changes_the_config():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"method": {"public_last_noise": False, "tau": 5, "scales": [8.0, 10.0]}})
+    assert not bf.changes(cfg, "method.public_last_noise=false")     # the tuning already sets it
+    assert not bf.changes(cfg, "method.public_mask_noise=false")     # another method's key
+    assert bf.changes(cfg, "method.tau=6") and bf.changes(cfg, "method.scales=[8.0]")
