@@ -435,8 +435,11 @@ def write_outputs(rows: list[dict], ref: dict, v: dict, args) -> str:
         w.writeheader()
         w.writerows(rows)
     plot(rows, ref, v["cap"], out / "frontier.png")
+    from importlib.metadata import version
+
     codes = sorted({r.get("code", "?") for r in rows})
-    text = (f"# Quality against cost on the synthetic benchmark\n\ncfx at {', '.join(codes)}; "
+    text = (f"# Quality against cost on the synthetic benchmark\n\ncfx at {', '.join(codes)}, torch "
+            f"{version('torch')}; "
             f"{args.images} test images (seed {args.seed}), "
             f"clean shape classifier, device {args.device}; one `cfx run` per point (`python3 scripts/bench_frontier.py {' '.join(sys.argv[1:])}`).\n"
             f"UNet calls per image: forward + backward passes (samples.csv nfe_unet, nfe_unet_backward). Wall and CPU "
