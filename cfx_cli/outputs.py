@@ -571,8 +571,10 @@ def _job_record(job: Path, rec: dict) -> dict:
     if hydra_file.exists():
         choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
         rec.update({k: v for k, v in choices.items() if not k.startswith("hydra/")})
-    if "method" not in rec:
-        rec["method"] = rec.get("method.name")
+    if "method" not in rec:  # an older cfx's method.name, else the method class's own name
+        from cfx_cli.config import choice
+
+        rec["method"] = rec.get("method.name") or choice({"method": {"_target_": rec.get("method._target_")}}, "method")
     kind = "classifier" if rec.get("regressor") in (None, "null") and "classifier" in rec else "regressor"
     rec["model"] = rec.get(kind)
     overrides_file = job / ".hydra" / "overrides.yaml"

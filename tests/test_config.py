@@ -183,9 +183,8 @@ def test_every_tuning_file_is_reached_and_builds(compose, data, tmp_path, one_th
 # ------------------------------------------------------------------------------------------- layout rules
 def test_options_do_not_restate_their_name_or_key():
     """A group's option is named by its file (Hydra's choice) and the builder tells a loader which key named its
-    file (<group>.path): neither is restated, in an option or in a _global_ file's group nodes. Two names stay,
-    each read: conf/trainable's (its output folder, `cfx train`) and a method's (the job's progress bar label,
-    cfx_cli/job/loop.py, until it takes the method class's own name)."""
+    file (<group>.path): neither is restated, in an option or in a _global_ file's group nodes (conf/trainable's
+    name is its output folder's, which `cfx train` reads)."""
     restated = []
     for p in conf_files():
         rel = p.relative_to(CONF_DIR)
@@ -193,8 +192,7 @@ def test_options_do_not_restate_their_name_or_key():
             continue
         content = OmegaConf.load(p)
         nodes = {rel.parts[0]: content, **{g: content[g] for g in GROUPS if OmegaConf.is_dict(content.get(g))}}
-        restated += [f"{rel}: {k}" for group, node in nodes.items() for k in ("name", "key")
-                     if k in node and (group, k) != ("method", "name")]
+        restated += [f"{rel}: {k}" for node in nodes.values() for k in ("name", "key") if k in node]
     assert restated == []
 
 

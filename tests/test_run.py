@@ -135,7 +135,7 @@ def test_resume_repairs_a_torn_row_and_refuses_another_config(tmp_path):
     proc = cfx("run", "method=dime", *[a for a in args[1:] if not a.startswith("method.mask_start")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"cfx: error: hydra.run.dir={job} holds 4 samples made with another config (")
-    assert "method.name='fastdime'->'dime'" in proc.stderr
+    assert "method._target_='cfx_cli.methods.fastdime.FastDiME'->'cfx_cli.methods.dime.DiME'" in proc.stderr
     assert {f: (job / f).read_bytes() for f in files} == files  # Hydra's rewrite of .hydra/ undone too
     # Samples with no recorded config (an older cfx): not resumed blindly either.
     status = json.loads((job / "status.json").read_text())

@@ -120,7 +120,6 @@ def instantiate_method(node: DictConfig, parts: dict):
 
     cfg = OmegaConf.to_container(node, resolve=True)
     cls = get_class(cfg.pop("_target_"))
-    cfg.pop("name", None)  # the progress bar's label (the job loop reads method.name), not a setting
     name = getattr(cls, "name", cls.__name__.lower())  # a method class names itself (method=<that name>)
     params = inspect.signature(cls.__init__).parameters
     unknown = [k for k in cfg if k not in params or k in parts]

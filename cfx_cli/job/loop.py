@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from cfx_cli.config import choice
 from cfx_cli.errors import CfxError, Interrupted, UnreadableItem
 from cfx_cli.job.build import JobParts, check_settings, fit_defaults, resolve_device, shard_indices
 from cfx_cli.job.explain import BAR_FORMAT, BatchProgress, explain_batch
@@ -110,9 +111,10 @@ def check_resume(writer: JobWriter, config: dict) -> None:
     if previous is None:
         raise CfxError(f"hydra.run.dir={writer.dir} holds {len(done)} samples but no record of their config "
                        f"(an older cfx made them): choose a new hydra.run.dir")
-    # names of config choices first (method.name, ...), then changed values, then keys only one side has
+    # what was built first (method._target_, ...; an older cfx's method.name), then changed values, then keys
+    # only one side has
     keys = sorted((k for k in set(previous) | set(config) if previous.get(k) != config.get(k)),
-                  key=lambda k: (not k.endswith(".name"), k not in previous or k not in config, k))
+                  key=lambda k: (not k.endswith(("._target_", ".name")), k not in previous or k not in config, k))
     shown = ", ".join(f"{k}={previous.get(k)!r}->{config.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
     raise CfxError(f"hydra.run.dir={writer.dir} holds {len(done)} samples made with another config ({shown}): "
                    f"re-run with the same overrides to resume, or choose a new hydra.run.dir")
@@ -217,7 +219,7 @@ def explain_all(cfg: DictConfig, parts: dict, writer: JobWriter, indices: list[i
     dataset, objective, task = parts["dataset"], parts["objective"], parts["model"].task
     bs = int(cfg.batch_size)
     # delay: an error in the first batch (a bad target, say) prints its line without a bar before it
-    bar = progress["bar"] = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.method.name}",
+    bar = progress["bar"] = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=choice(cfg, "method"),
                                  unit="cf", delay=1.0, bar_format=BAR_FORMAT)
     steps = BatchProgress(bar, parts["meter"], parts["method"])  # the bar moves inside each batch too
     pending = []  # rows of unreadable items: written beside the next readable batch (same columns)
