@@ -517,3 +517,35 @@ def test_a_sweep_keeps_the_folders_of_jobs_refused_at_their_start(tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [state(j)["state"] for j in jobs] == ["failed", "failed"]
     assert "method.tau=600 must lie in 1..50" in state(jobs[1])["error"]
+
+
+def test_sigterm_while_a_part_loads_is_interrupted_not_failed():
+    """Hydra's instantiate wraps a loader's exception (InstantiationException): a SIGTERM that lands while a
+    model loads (a SLURM re-queue) must still reach the job as Interrupted, so status.json says
+    `interrupted` and the re-queued job resumes, rather than `failed`."""
+    import pytest
+    import torch
+    from hydra.errors import InstantiationException
+
+    from cfx_cli.config import compose
+    from cfx_cli.errors import Interrupted
+    from cfx_cli.job.build import JobParts
+
+    parts = JobParts(compose(["debug=fast"]), torch.device("cpu"))
+
+    def loading():
+        try:
+            raise Interrupted("SIGTERM")
+        except Interrupted as e:
+            raise InstantiationException("Error in call to target 'cfx_cli.models.generative.load'") from e
+
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        parts.part("diffusion", loading)
+    assert "diffusion" not in parts.failed  # not recorded as a failed part: nothing failed
+
+    def broken():
+        raise InstantiationException("Error in call to target 'x': ValueError('bad')")
+
+    with pytest.raises(InstantiationException):
+        parts.part("sampler", broken)
+    assert "sampler" in parts.failed

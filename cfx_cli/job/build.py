@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cfx_cli.errors import CfxError
+from cfx_cli.errors import CfxError, Interrupted
 from cfx_cli.metrics.sample import OracleMetrics
 from cfx_cli.models.counting import CostMeter, Counted
 from cfx_cli.objectives import build_objective
@@ -89,6 +89,19 @@ def explained_model(cfg: DictConfig):
 # dataset follows (ADM's and DiffAE's checkpoint loaders build their network by it, among their **flags; the
 # others read the model's own) and whether any method was tuned for the model (``fit_defaults``).
 BUILDER_KEYS = {"image_size": True, "tuned": False}   # key: passed to a loader's **flags too
+
+
+def interrupted_cause(e: BaseException):
+    """The ``Interrupted`` inside ``e``, if any: Hydra's ``instantiate`` wraps what a loader raises in an
+    ``InstantiationException``, so a SIGTERM (a SLURM re-queue) that lands while a model loads would be
+    recorded ``failed`` and end its sweep with an error, though SLURM runs the job again."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Interrupted):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def build_node(node: DictConfig, group: str, **kwargs):
@@ -250,6 +263,9 @@ class JobParts:
         try:
             value = make()
         except Exception as e:
+            stop = interrupted_cause(e)
+            if stop is not None:  # SIGTERM while loading: the job is interrupted (re-queued), not failed
+                raise stop from None
             self.failed[name] = e
             raise
         self.built[name] = value
