@@ -84,6 +84,7 @@ def explain(compose, checkpoint, ref, variant: str, set_alpha_to_one: bool = Fal
         from cfx_cli.job.build import build
 
     cfg = compose(["device=cpu", "method=ldce", "diffusion=ldm_cin256", f"diffusion.path={checkpoint}",
+                   "diffusion.image_size=32",  # the tiny model of the family decodes 32×32 (cin256-v2: 256)
                    f"sampler.steps=ldm{SETTINGS['ddim_steps']}", f"method.strength={SETTINGS['strength']}",
                    f"method.lambda_c={SETTINGS['classifier_lambda']}", f"method.lambda_d={SETTINGS['dist_lambda']}",
                    f"method.angle={SETTINGS['deg_cone_projection']}", f"method.scale={SETTINGS['scale']}",
