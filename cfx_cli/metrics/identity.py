@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from cfx_cli.errors import CfxError
 from cfx_cli.metrics.realism import MissingWeights
-from cfx_cli.models.classifiers import check_layout, torchvision_model
+from cfx_cli.models.architectures import torchvision_model
+from cfx_cli.models.classifiers import check_layout
 
 __all__ = ["NumpyOnlyUnpickler", "read_numpy_pickle", "vggface2_resnet50", "FaceVerifier", "build_face_verifier",
            "SimSiamEncoder", "build_simsiam", "embed", "cosine_similarity", "face_similarity", "s3_similarity",

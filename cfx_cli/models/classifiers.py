@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cfx_cli.data.celeba import ATTRIBUTE_NAMES
 from cfx_cli.errors import CfxError
+from cfx_cli.models.architectures import torchvision_model
 from cfx_cli.models.checkpoints import load_state_dict
 from cfx_cli.models.explained import ExplainedModel
 
@@ -50,18 +51,6 @@ _OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
 
 
 # ------------------------------------------------------------------------------- torchvision networks
-def torchvision_model(arch: str, num_classes: int = 1000, key: str = "classifier.arch") -> nn.Module:
-    """``torchvision.models.<arch>(weights=None, num_classes=...)``: the architecture, randomly initialised
-    (the weights come from a local file; nothing is downloaded). torchvision is imported here, not at the
-    top, so that commands which build no torchvision network do not pay its import time."""
-    from torchvision import models
-
-    if arch not in models.list_models(module=models):  # the classification architectures only
-        raise CfxError(f"{key}={arch!r} is not a torchvision classification architecture (e.g. resnet50, "
-                       f"densenet121, vit_b_16): see torchvision.models.list_models(module=torchvision.models)")
-    return models.get_model(arch, weights=None, num_classes=int(num_classes))
-
-
 # ------------------------------------------------------------------------------------ reading layouts
 def _flatten(obj, prefix: str = "", out: dict | None = None) -> dict[str, Tensor]:
     """Nested dicts of tensors as one dict with dotted keys; non-tensor leaves (epoch, loss, ...) dropped."""

@@ -58,7 +58,7 @@ class FactorOracle(nn.Module):
 def _torchvision(arch: str):
     """torchvision's ``arch`` with ``num_outputs`` outputs (config.json's kwargs), for cfx-trained zoo folders."""
     def build(num_outputs: int) -> nn.Module:
-        from cfx_cli.models.classifiers import torchvision_model
+        from cfx_cli.models.architectures import torchvision_model
 
         return torchvision_model(arch, num_outputs, key="trainable.arch")
     return build
