@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The synthetic benchmark report: DiME, ACE, DVCE (cone on/off) and every FastDiME variant on the clean
+# The synthetic benchmark report: DiME, MaskDiME, ACE, DVCE (cone on/off) and every FastDiME variant on the clean
 # and the biased classifier, ACE on the robust one, FastDiME and AC-RE on the size regressor, two seeds
 # each, then one table.
 #   bash scripts/report_synthetic.sh [outputs/report [OVERRIDE...]]   e.g. ... outputs/report_gpu device=cuda
@@ -8,7 +8,7 @@
 set -euo pipefail
 out=${1:-outputs/report}
 shift || true
-cfx run -m experiment=synthetic_table "hydra.sweeper.params.method='dime,ace,dvce'" hydra.sweep.dir="$out/table" "$@"
+cfx run -m experiment=synthetic_table "hydra.sweeper.params.method='dime,maskdime,ace,dvce'" hydra.sweep.dir="$out/table" "$@"
 cfx run -m experiment=synthetic_table hydra.sweeper.params.method=dvce method=dvce method.cone_angle=null \
     hydra.sweep.dir="$out/dvce_nocone" "$@"
 cfx run -m experiment=synthetic_table hydra.sweeper.params.method=ace hydra.sweeper.params.classifier=synthetic_shape_robust \
