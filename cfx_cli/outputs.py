@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from tqdm import tqdm
 
@@ -234,8 +234,9 @@ class JobWriter:
         canvas = Image.new("RGB", (img.width + margin, img.height), "white")
         canvas.paste(img, (margin, 0))
         draw, row_h = ImageDraw.Draw(canvas), img.height // len(tiles)
+        font = ImageFont.load_default(size=15)  # Pillow's default size (10) runs "(got circle)" together
         for i, text in enumerate(labels):
-            draw.multiline_text((6, i * row_h + 6), text, fill="black")
+            draw.multiline_text((6, i * row_h + 6), text, fill="black", font=font)
         _atomic_write_bytes(self.dir / "grid.png", lambda p: canvas.save(p, format="PNG"))
         return self.dir / "grid.png"
 
