@@ -55,6 +55,8 @@ def user_error(exc: BaseException, args: list[str] | None = None) -> str | None:
             return str(seen)
         if (line := group_option_error(seen, args)) is not None:
             return line
+        if (line := unknown_key_error(seen)) is not None:
+            return line
         if isinstance(seen, MissingMandatoryValue):
             key = getattr(seen, "full_key", None) or "a key"
             return f"{key} has no value (???): set it on the command line, e.g. {key}=..."
@@ -80,6 +82,35 @@ def group_option_error(exc: BaseException, args: list[str] | None = None) -> str
     close = difflib.get_close_matches(option, options, n=1)
     return (f"{group}={option}{_named_where(exc, group, option, args)} is not an option of {group}"
             + (f"; did you mean {group}={close[0]}?" if close else "") + f" (choices: {', '.join(options)})")
+
+
+def unknown_key_error(exc: BaseException) -> str | None:
+    """``key=value`` for a key the composed config does not have (Hydra's ConfigCompositionException, six
+    lines with the struct error): one line with the closest key of that node, its keys and how to add a key
+    on purpose (``+key=value``), or None for any other error."""
+    from hydra.errors import ConfigCompositionException
+
+    if not isinstance(exc, ConfigCompositionException) or not str(exc).startswith("Could not override"):
+        return None
+    cause = exc.__cause__ or exc.__context__
+    key, full_key = getattr(cause, "key", None), getattr(cause, "full_key", None)
+    node = getattr(cause, "parent_node", None)
+    if not isinstance(key, str) or not full_key or node is None or "not in struct" not in str(cause):
+        return None
+    # Hydra's own hint carries the override as typed ("use +a.b.c=v"); the missing key may be above its last
+    # part (trainer.epochs=3 with no trainer)
+    added = re.search(r"use \+(\S+)", str(exc))
+    override = added.group(1) if added else f"{full_key}=..."
+    typed, _, value = override.partition("=")
+    keys = sorted(k for k in node.keys() if isinstance(k, str) and not k.startswith("_") and k != "hydra")
+    parent = full_key[: -len(key)].rstrip(".")
+    close = difflib.get_close_matches(key, keys, n=1)
+    where = f"{parent} has no key {key}" if parent else f"{key} is not a key of the config"
+    fix = ""
+    if close and typed.startswith(full_key):
+        fix = f"; did you mean {(parent + '.') if parent else ''}{close[0]}{typed[len(full_key):]}={value}?"
+    return (f"{override}: {where}{fix} ({'its' if parent else 'the'} keys: {', '.join(keys)}; "
+            f"to add a new key: +{override})")
 
 
 def _named_where(exc: BaseException, group: str, option: str, args: list[str] | None) -> str:

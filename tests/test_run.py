@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import FAST, ROOT, cfx
@@ -346,13 +347,39 @@ def test_an_unknown_option_on_a_user_search_path_and_in_a_config_file(tmp_path):
         f"of method (choices: {choices})"]
 
 
+@pytest.mark.parametrize("args,line", [
+    (["run", "method.tua=3"], "method.tua=3: method has no key tua; did you mean method.tau=3? (its keys: {method}; "
+                              "to add a new key: +method.tua=3)"),
+    (["run", "methd=dime"], "methd=dime: methd is not a key of the config; did you mean method=dime? (the keys: "
+                            "batch_size, classifier, data, dataset, device, diffusion, method, metrics, sampler, seed, "
+                            "target; to add a new key: +methd=dime)"),
+    (["run", "-m", "dataset.num_imgs=3,4"], "dataset.num_imgs=3: dataset has no key num_imgs; did you mean "
+                                            "dataset.num_images=3? (its keys: image_size, num_images, rho, seed, shapes, "
+                                            "size_range, split; to add a new key: +dataset.num_imgs=3)"),
+    (["run", "method.xyzzy=1"], "method.xyzzy=1: method has no key xyzzy (its keys: {method}; to add a new key: "
+                                "+method.xyzzy=1)"),  # nothing close: no guess
+])
+def test_an_unknown_key_is_one_line_with_the_closest_and_the_keys(tmp_path, args, line):
+    """Instead of Hydra's six lines (the struct error, its object type): the override as typed, the closest key
+    of that node, its keys and how to add a key on purpose; exit 2, nothing written."""
+    from cfx_cli import CONF_DIR
+
+    method_keys = sorted(k for k in OmegaConf.load(CONF_DIR / "method" / "fastdime.yaml") if not k.startswith("_")
+                         and k != "defaults")
+    out = [f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'out'}"]
+    proc = cfx(*args, *out, check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["cfx: error: " + line.format(method=", ".join(method_keys))], proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
 def test_other_hydra_errors_keep_hydras_report(tmp_path, monkeypatch):
-    """Not an option error: an unknown key stays Hydra's own message (exit 1), a bug in the job its traceback
-    from the task down, as Hydra shows it (exit 1)."""
+    """Not an option or key error: a grammar error stays Hydra's own message (exit 1), a bug in the job its
+    traceback from the task down, as Hydra shows it (exit 1)."""
     import cfx_cli.job.loop as loop
 
-    proc = cfx("run", "method.nonsense=1", run_dir(tmp_path), check=False)
-    assert proc.returncode == 1 and proc.stderr.startswith("Could not override 'method.nonsense'.")
+    proc = cfx("run", "method.tau=[1,2", run_dir(tmp_path), check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("no viable alternative at input '[1,2'"), proc.stderr
     assert "Traceback" not in proc.stderr
 
     def bug(cfg, job_dir, **kw):
