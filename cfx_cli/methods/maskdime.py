@@ -24,6 +24,11 @@ gradients, a one-step clean-image estimation, and gradient scaling"), so no equa
 Each step above is the official code's, github.com/clguo/MaskDiME @ 9ce41f1: core/sample_utils.py:409-511
 (get_MaskDiME_sampling_CelebA), :332-408 (the nested top-k masks) and the released run, test.sh. The
 project page's ablation figure names γ "s" and ρ "ρ" (its "s = 8 & M (ρ = 1)" is one mask: M_in = M_out).
+Parity: tests/test_parity_maskdime.py replays the official main.py loop (test.sh's flags, tiny random models,
+fixture in tests/fixtures/parity/maskdime) on its recorded noise: with the defaults below every step's z, x̂ and
+both masks, the counterfactuals (max |Δ| 5.4e-7), the success decisions and the call counts agree. The official
+run had the released environment's torch 2.2.2 clamp in its VGG term (gradient passing at ±1, as cfx's
+perceptual.clamp_passing_bounds); torch 2.14's moves the counterfactuals by up to 2.
 Read from that code, where a reader of the summaries could guess otherwise:
 - the attribution is |∇_x̂ L| itself (mean over channels; sample_utils.py:381), at the masked clean
   estimate x̂, not a separate saliency method;
