@@ -39,6 +39,11 @@ class Explained:
         self.unet, self.model = cost["unet"], cost["model"]
 
 
+def per_strength(res, tried=1):
+    """UNet calls (forward + backward) each sample's counterfactual took per strength tried, as counted."""
+    return (res.unet["forward"] + res.unet["backward"]).float() / tried
+
+
 def images(p, n, start=0):
     batch = p["dataset"].batch(list(range(start, start + n)))
     return batch["x"], batch["index"]
@@ -57,6 +62,7 @@ def test_fastdime_flips_the_shipped_classifier(parts):
     assert torch.equal(res.unet["forward"], tau * tried) and not res.unet["backward"].any()
     assert torch.equal(res.model["forward"], (tau + 1) * tried)
     assert torch.equal(res.model["backward"], tau * tried)
+    assert (per_strength(res, tried) == p["method"].unet_calls()).all()  # what the progress bar expects
 
 
 def test_dime_flips_with_its_nested_chain_cost(parts):
@@ -68,6 +74,7 @@ def test_dime_flips_with_its_nested_chain_cost(parts):
     per_scale = tau + sum(range(1, tau))  # τ guided calls + the unguided chains (O(τ²))
     tried = (res.info["scale"].unsqueeze(1) >= torch.tensor(list(cfg.method.scales))).sum(1)
     assert torch.equal(res.unet["forward"], per_scale * tried) and not res.unet["backward"].any()
+    assert (per_strength(res, tried) == p["method"].unet_calls()).all()
 
 
 @pytest.mark.parametrize("variant,passes", [("nomask", 1), ("2", 2), ("2+", 2)])
@@ -76,6 +83,7 @@ def test_fastdime_variants(parts, variant, passes):
     x, idx = images(p, 4)
     res = Explained(p, x, idx)
     assert torch.equal(res.unet["forward"], torch.full((4,), 30 * passes))
+    assert (per_strength(res) == p["method"].unet_calls()).all()
     if variant == "nomask":
         assert "mask" not in res.extras
     else:  # the fixed mask of the second pass confines the edit: outside it, the output is the input
@@ -150,6 +158,7 @@ def test_ace_flips_the_robust_classifier_with_a_local_mask(parts):
     assert torch.equal(res.unet["forward"], torch.full((8,), tau * its + tau))
     assert torch.equal(res.unet["backward"], torch.full((8,), tau * its))
     assert torch.equal(res.model["backward"], torch.full((8,), its))
+    assert (per_strength(res) == p["method"].unet_calls()).all()
 
 
 def test_ac_re_moves_every_prediction_toward_its_target_and_stops(parts):
@@ -170,6 +179,8 @@ def test_ac_re_moves_every_prediction_toward_its_target_and_stops(parts):
     its = loose.info["pgd_iterations"].long()
     assert (its < 20).any() and (its >= 1).all()
     assert torch.equal(loose.unet["backward"], 5 * its)
+    assert (per_strength(loose) <= q["method"].unet_calls()).all()  # an upper bound where samples stop early
+    assert (per_strength(loose) < q["method"].unet_calls()).any()
 
 
 def test_dvce_flips_and_the_cone_changes_the_counterfactual(parts):
@@ -191,6 +202,9 @@ def test_dvce_flips_and_the_cone_changes_the_counterfactual(parts):
     assert torch.equal(plain.unet["forward"], torch.full((4,), 100))
     assert torch.equal(plain.unet["backward"], torch.full((4,), 2 * 99))
     assert torch.equal(cone.unet["backward"], torch.full((4,), 3 * 99))
+    for key, res in (("null", plain), ("30", cone)):
+        _, p = parts("method=dvce", f"method.cone_angle={key}", "method.augmentations=4")
+        assert (per_strength(res) == p["method"].unet_calls()).all(), key
 
 
 def test_ldce_flips_and_consensus_drops_disagreeing_scores(parts):
@@ -213,6 +227,7 @@ def test_ldce_flips_and_consensus_drops_disagreeing_scores(parts):
     steps = int(cfg.method.strength * grid_steps(cfg))
     assert torch.equal(on.unet["forward"], torch.full((4,), 2 * steps))
     assert torch.equal(on.unet["backward"], torch.full((4,), 2 * 2 * steps))
+    assert (per_strength(on) == parts("method=ldce", "method.consensus=true")[1]["method"].unet_calls()).all()
 
 
 def grid_steps(cfg):
@@ -232,3 +247,4 @@ def test_diffae_re_moves_the_regressor_to_its_target(parts):
     assert (after < before).all()
     assert (res.info["reconstruction_l1"] < 0.05).all()
     assert (res.info["iterations"] <= cfg.method.iterations).all()
+    assert (per_strength(res) <= p["method"].unet_calls()).all()  # an upper bound: samples stop at success

@@ -63,11 +63,11 @@ def calls(meter: CostMeter, k: int, n: int):
 
 
 def test_progress_moves_with_the_unet_calls_of_the_batch():
-    DiME = type("DiME", (), {"tau": 3})  # DiME's count: an unguided chain from each step, 3·4/2 = 6 calls
-    assert expected_unet_calls(DiME()) == 6.0 and expected_unet_calls(object()) is None
+    Method = type("Method", (), {"unet_calls": lambda self: 6})  # what a method declares (tests/test_methods.py)
+    assert expected_unet_calls(Method()) == 6.0 and expected_unet_calls(object()) is None
     bar = tqdm(total=6, file=io.StringIO())
     meter = CostMeter()
-    p = BatchProgress(bar, meter, DiME(), every=0.0)
+    p = BatchProgress(bar, meter, Method(), every=0.0)
     p.start(4)
     meter.start(4)
     calls(meter, 3, 4)

@@ -62,14 +62,11 @@ def cost_columns(meter: CostMeter) -> dict:
 
 
 def expected_unet_calls(method) -> float | None:
-    """UNet calls (forward + backward) one counterfactual takes with one strength, known beforehand for the
-    methods whose loop is fixed (DiME: an unguided chain from each of its tau steps, tau·(tau+1)/2 calls;
-    FastDiME and MaskDiME: tau); None for the others, whose estimate comes from the job's first batch."""
-    tau = getattr(method, "tau", None)
-    if not isinstance(tau, int):
-        return None
-    name = type(method).__name__
-    return {"DiME": tau * (tau + 1) / 2, "FastDiME": float(tau), "MaskDiME": float(tau)}.get(name)
+    """UNet calls (forward + backward) one counterfactual takes with one strength, as the method declares them
+    (``unet_calls()``: exact for a fixed loop, an upper bound where samples stop early); None for a method that
+    does not (a user's own), whose estimate comes from the job's first batch."""
+    calls = getattr(method, "unet_calls", None)
+    return float(calls()) if callable(calls) else None
 
 
 class BatchProgress:

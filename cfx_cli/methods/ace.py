@@ -68,6 +68,11 @@ class ACE:
         self.success_on = success_on
         self.loss_reduction, self.stop_after_step = loss_reduction, bool(stop_after_step)
 
+    def unet_calls(self) -> float:
+        """UNet calls of one counterfactual (for the progress bar): tau forward and tau backward through the
+        filter per PGD iteration, then the tau-step refinement; an upper bound where samples stop early."""
+        return float(self.iterations * 2 * self.tau + self.tau)
+
     # ------------------------------------------------------------------ the algorithm
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:

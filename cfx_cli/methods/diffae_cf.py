@@ -63,6 +63,12 @@ class DiffAECounterfactual:
     def render(self, x_T: Tensor, z: Tensor, grad: bool = False) -> Tensor:
         return self.sampler.denoise(x_T, self.sampler.num_steps - 1, -1, cond=z, grad=grad).clamp(-1, 1)
 
+    def unet_calls(self) -> float:
+        """UNet calls of one counterfactual (for the progress bar): the inversion, the reconstruction and at
+        most iterations + 1 renders, each forward and backward; an upper bound (a sample stops at success)."""
+        steps = self.sampler.num_steps
+        return float(self.inverter.num_steps + steps + (self.iterations + 1) * 2 * steps)
+
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
         gen = self.sampler.model

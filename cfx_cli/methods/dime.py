@@ -38,6 +38,11 @@ class DiME:
         self.classifier_loss = classifier_loss
         self.start = start_level(self.tau, public_code_offset, sampler.num_steps)
 
+    def unet_calls(self) -> float:
+        """UNet calls of one counterfactual with one scale (for the progress bar): each of the tau guided steps
+        and, after each but the last, the unguided chain to x̂_0: tau·(tau+1)/2."""
+        return self.tau * (self.tau + 1) / 2
+
     @torch.no_grad()
     def explain(self, x, target, rng):
         """Noise x once, then each scale in turn on the images not flipped yet, all from that noisy image

@@ -95,6 +95,13 @@ class DVCE:
         self.clip_denoised, self.classifier_loss = bool(clip_denoised), classifier_loss
         self.batched_vjp = bool(batched_vjp)
 
+    def unet_calls(self) -> float:
+        """UNet calls of one counterfactual (for the progress bar): a forward per guided step and the last
+        clean estimate; per step a backward for each gradient through it (classifier, distance, the robust
+        model's with the cone)."""
+        cone = self.robust is not None and self.cone_angle is not None
+        return float(self.start + 1 + self.start * (3 if cone else 2))
+
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
         z = self.sampler.q_sample(x, self.start, rng.randn(x.shape[1:]))

@@ -65,6 +65,10 @@ class FastDiME(DiME):
         # The public code takes the gradient at the previous step's x̂ (x at the first step); false: this step's.
         self.public_x_hat_lag = bool(public_x_hat_lag)
 
+    def unet_calls(self) -> float:
+        """UNet calls of one counterfactual with one scale: tau per pass (two for FastDiME-2 and 2+)."""
+        return float(self.tau * (2 if self.variant in ("2", "2+") else 1))
+
     def counterfactual(self, x, y, z, scale, rng):
         cf, mask = self.guided_pass(x, y, z, scale, rng, self_mask=self.variant in ("mask", "2+"))
         if self.variant in ("2", "2+"):

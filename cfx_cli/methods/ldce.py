@@ -84,6 +84,11 @@ class LDCE:
         self.consensus, self.angle, self.classifier_loss = bool(consensus), float(angle), classifier_loss
         self.set_alpha_to_one, self.free_guidance = bool(set_alpha_to_one), bool(free_guidance)
 
+    def unet_calls(self) -> float:
+        """UNet calls of one counterfactual (for the progress bar): per guided step ε_u and ε_c, and with
+        classifier guidance a backward through both for each of the two gradients."""
+        return float(self.t_enc * (2 if self.free_guidance else 6))
+
     @torch.no_grad()
     def explain(self, x: Tensor, target: Tensor, rng) -> CFResult:
         gen = self.sampler.model

@@ -100,6 +100,10 @@ class MaskDiME(DiME):
         self.mask_dilation = int(mask_dilation)
         self.step_noise, self.public_last_noise = bool(step_noise), bool(public_last_noise)
 
+    def unet_calls(self) -> float:
+        """UNet calls of one counterfactual with one scale: one per guided step."""
+        return float(self.tau)
+
     def counterfactual(self, x, y, z, scale, rng):
         x_hat, inner, outer = x, None, None
         for t in reversed(range(self.tau)):
