@@ -16,6 +16,6 @@ cfx aggregate "$out" --by method method.consensus model
 # one job folder of a sweep, by the overrides in its name (Hydra sorts them by key)
 job() { local d; d=$(compgen -G "$1" | head -n 1) || true; [ -n "$d" ] || { echo "report_latent: no job folder matches $1" >&2; exit 1; }; echo "$d"; }
 python3 "$(dirname "$0")/compose_grids.py" "$out/latent_grid.png" --rows 3 \
-    "$(job "$out/ldce/*classifier=synthetic_shape,*consensus=true*")" "LDCE (consensus), clean classifier" \
-    "$(job "$out/ldce/*classifier=synthetic_shape_biased,*consensus=true*")" "LDCE (consensus), biased classifier" \
+    "$(job "$out/ldce/*classifier=synthetic_shape,*consensus=[Tt]rue*")" "LDCE (consensus), clean classifier" \
+    "$(job "$out/ldce/*classifier=synthetic_shape_biased,*consensus=[Tt]rue*")" "LDCE (consensus), biased classifier" \
     "$(job "$out/diffae/*classifier=synthetic_shape_biased,*")" "Diff-AE, biased classifier"
