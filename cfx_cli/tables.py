@@ -198,15 +198,16 @@ def _label(by: list[str], values) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _derived_choices() -> frozenset[str]:
-    """Config groups chosen from other choices: 'model', and the defaults list's interpolated entries."""
+def derived_choices() -> frozenset[str]:
+    """Config groups chosen from other choices: 'model', and the defaults list's interpolated entries (as Hydra
+    records their choices: ``group@package`` where the entry names a package, e.g. ``tuning@_global_``)."""
     derived = {"model"}
     try:
         from cfx_cli import CONF_DIR
 
         for d in (yaml.safe_load((CONF_DIR / "config.yaml").read_text()) or {}).get("defaults") or []:
             if isinstance(d, dict):
-                derived.update(k.split()[-1].split("@")[0] for k, v in d.items() if "${" in str(v))
+                derived.update(k.split()[-1] for k, v in d.items() if "${" in str(v))
     except Exception:  # no primary config to read: only 'model'
         pass
     return frozenset(derived)
@@ -227,8 +228,8 @@ def mixed_rows(records: list[dict], by: list[str]) -> list[tuple[str, list[str]]
                         and len({str(r.get(k, "<unset>")) for r in rs}) > 1)
         # A differing choice (classifier) implies its values differ (classifier.path, ...): name the choice.
         differ = [k for k in differ if not any(k.startswith(p + ".") for p in differ)]
-        # Choices that follow from others (model is classifier or regressor; tuning: ${method}_${dataset}).
-        differ = [k for k in differ if k not in _derived_choices()]
+        # Choices that follow from others (model is classifier or regressor; tuning: ${method}_${diffusion}).
+        differ = [k for k in differ if k not in derived_choices()]
         if differ:
             out.append((_label(by, [rs[0].get(k) for k in by]), differ))
     return sorted(out)

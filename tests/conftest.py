@@ -62,7 +62,7 @@ def _in_process(args: list[str], cwd) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["cfx", *args], code, out.getvalue(), err.getvalue())
 
 
-# A job in seconds on a CPU: conf/debug/fast.yaml (4 images, 50 steps, tau 15).
+# A job in seconds on a CPU: conf/debug/fast.yaml (4 images, 50 steps; each method's budget: conf/debug/fast/).
 FAST = ["debug=fast"]
 
 

@@ -197,23 +197,28 @@ def test_options_do_not_restate_their_name_or_key():
 
 
 def test_global_only_where_hydra_needs_it():
-    """`# @package _global_`: experiments and debug files set keys across groups. A tuning or debug_method file
-    chosen by an interpolated default may set values but not pick a sampler option (Hydra's rule), so it is
-    _global_ exactly when it sets sampler keys besides method keys; method files pick their sampler option."""
+    """`# @package _global_` only on experiments and debug options (they set keys across groups). A file chosen
+    by an interpolated default (a tuning, debug=fast's budget for a method) may set values but not pick a sampler
+    option (Hydra's rule), so where it tunes the grid it writes `sampler:` beside `method:`: those are the only two
+    nodes it may write, its package is the defaults list's (`@_global_`), never its own header. Method files pick
+    their sampler option."""
+    interpolated = {"tuning", "tuning_regressor", "debug/fast"}
     for p in conf_files():
         rel = p.relative_to(CONF_DIR)
         text = p.read_text()
         is_global = text.startswith("# @package _global_")
-        if rel.parts[0] in ("experiment", "debug"):
-            assert is_global, rel
-        elif rel.parts[0] in ("tuning", "tuning_regressor", "debug_method"):
+        if str(rel.parent) in interpolated:
             content = OmegaConf.load(p)
-            assert is_global == ("sampler" in content), rel
-            assert set(content) <= ({"method", "sampler"} if is_global else set(content)), rel
-            if not is_global:
-                assert text.startswith("# @package method"), rel
-        elif rel.parts[0] == "method":
-            assert not is_global and "sampler@_global_.sampler" in text, rel
+            assert "@package" not in text and set(content) <= {"method", "sampler"} and "method" in content, rel
+            assert set(content.get("sampler", {})) <= {"steps"}, rel
+        elif rel.parts[0] in ("experiment", "debug"):
+            assert is_global, rel
+        else:
+            assert not is_global, rel
+        if rel.parts[0] == "method":
+            assert "sampler@_global_.sampler" in text, rel
+    entries = [next(iter(d)) for d in OmegaConf.load(CONF_DIR / "config.yaml").defaults if not isinstance(d, str)]
+    assert {e.split()[-1] for e in entries if "@_global_" in e} == {f"{g.split('/')[0]}@_global_" for g in interpolated}
 
 
 def hydra_choices(overrides):
@@ -394,13 +399,12 @@ def test_launcher_presets_compose(launcher):
 
 @pytest.mark.parametrize("method", options("method"))
 def test_debug_fast_has_a_short_setting_for_every_method(compose, method):
-    """debug=fast sets method keys per method (conf/debug_method/fast_<method>.yaml): each method has one,
-    its values are the composed ones, and it shortens the job (fewer guided steps or iterations)."""
-    file = CONF_DIR / "debug_method" / f"fast_{method}.yaml"
+    """debug=fast sets method keys per method (conf/debug/fast/<method>.yaml): each method has one, its values
+    are the composed ones, and it shortens the job (fewer guided steps or iterations)."""
+    file = CONF_DIR / "debug" / "fast" / f"{method}.yaml"
     assert file.exists()
     full, fast = compose([f"method={method}"]), compose([f"method={method}", "debug=fast"])
-    short = OmegaConf.load(file)
-    short = short.method if "method" in short else short
+    short = OmegaConf.load(file).method
     assert {k: fast.method[k] for k in short} == OmegaConf.to_container(short)
     shorter = [k for k in ("tau", "iterations", "start", "augmentations", "strength")
                if k in fast.method and fast.method[k] < full.method[k]]

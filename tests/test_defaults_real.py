@@ -2,7 +2,7 @@
 
 A counterfactual is real when the classifier flips to the target (``success``) and the synthetic benchmark's
 factor oracle reads the target shape on it (``oracle_flip``); a flip the oracle does not confirm is
-adversarial. Both jobs run as `cfx run` composes them (conf/tuning/, conf/debug/, conf/debug_method/): the
+adversarial. Both jobs run as `cfx run` composes them (conf/tuning/, conf/debug/): the
 test names no tuned value itself.
 """
 import pandas as pd

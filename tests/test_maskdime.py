@@ -265,13 +265,13 @@ def test_same_image_whatever_the_batch(parts):
 
 
 def test_debug_fast_makes_real_counterfactuals(tmp_path):
-    """`cfx run method=maskdime debug=fast` (4 images; conf/debug_method/fast_maskdime.yaml): real flips >= 0.75 and
+    """`cfx run method=maskdime debug=fast` (4 images; conf/debug/fast/maskdime.yaml): real flips >= 0.75 and
     no noise image (every l1 <= 0.05); the job records tau UNet calls per scale tried."""
     samples, _, real = _job(tmp_path, "method=maskdime", "debug=fast")
     assert len(samples) == 4 and not samples["failed"].any()
     assert real >= 0.75, samples[["index", "success", "oracle_flip", "l1"]]
     assert (samples["l1"] <= 0.05).all(), samples[["index", "success", "oracle_flip", "l1"]]
-    tau = OmegaConf.load(CONF_DIR / "debug_method" / "fast_maskdime.yaml").method.tau
+    tau = OmegaConf.load(CONF_DIR / "debug" / "fast" / "maskdime.yaml").method.tau
     scales = sorted(OmegaConf.load(CONF_DIR / "method" / "maskdime.yaml").scales)
     tried = samples["scale"].map({s: i + 1 for i, s in enumerate(scales)})
     assert (samples["nfe_unet"] == tau * tried).all() and (samples["nfe_unet_backward"] == 0).all()

@@ -34,8 +34,8 @@ from PIL import Image
 from cfx_cli.errors import CfxError, one_line_errors
 from cfx_cli.outputs import find_jobs, job_record, read_samples
 from cfx_cli.paper_table import paper_tables
-from cfx_cli.tables import (BOOKKEEPING, DEFAULT_METRICS, check_by, job_folders, merge_shards, missing_sweep_jobs,
-                            mixed_rows, render, table)
+from cfx_cli.tables import (BOOKKEEPING, DEFAULT_METRICS, check_by, derived_choices, job_folders, merge_shards,
+                            missing_sweep_jobs, mixed_rows, render, table)
 
 # Image rows of a grid, in this order; any other folder under images/ follows them.
 KINDS = ("original", "counterfactual", "diff", "pre_explanation", "mask", "reconstruction", "heatmap")
@@ -327,7 +327,7 @@ def _varying(rs: list[dict]) -> list[str]:
     """Config keys whose values differ between the jobs of one row, most telling first (seed, model, other
     choices, then values): each job's label."""
     keys = set().union(*(r.keys() for r in rs)) - BOOKKEEPING
-    differ = sorted(k for k in keys if not k.startswith(("hydra.", "hydra/", "tuning"))
+    differ = sorted(k for k in keys if not k.startswith(("hydra.", "hydra/")) and k not in derived_choices()
                     and k != "data.shard" and len({str(r.get(k)) for r in rs}) > 1)
     differ = [k for k in differ if not any(k.startswith(p + ".") for p in differ)]
     if "model" in differ:  # the model names the classifier or regressor
