@@ -7,7 +7,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest -n N (pytest-xdist): N worker processes share the cores, so each gets its share of intra-op threads
+# (two workers of one thread each finish the suite sooner on 2 cores than one of two threads: the tensors are
+# small and much of the time is interpreter, I/O and process starts); the cfx processes a test starts inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 
 def cfx(*args, cwd=None, check=True, timeout=600, subprocess_=False):
