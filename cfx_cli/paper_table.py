@@ -19,23 +19,27 @@ from cfx_cli.tables import latex_escape, sigma_l, table
 class Column:
     metric: str        # the metrics.csv name
     header: str
-    higher_is_better: bool
+    higher_is_better: bool | None   # None: no better direction (no arrow, no bold)
     percent: bool = False
 
     @property
     def title(self) -> str:
-        return f"{self.header}{' (%)' if self.percent else ''} {'↑' if self.higher_is_better else '↓'}"
+        arrow = "" if self.higher_is_better is None else " ↑" if self.higher_is_better else " ↓"
+        return f"{self.header}{' (%)' if self.percent else ''}{arrow}"
 
 
 # DiME / ACE / FastDiME / DVCE / LDCE tables (classification) and the regression papers' tables.
 CLASSIFICATION = (Column("fid", "FID", False), Column("sfid", "sFID", False), Column("fva", "FVA", True, True),
                   Column("fs", "FS", True), Column("mnac_successful", "MNAC", False), Column("cd", "CD", False),
                   Column("cout", "COUT", True), Column("flip_rate", "Flip rate", True, True),
-                  Column("real_flip_rate", "Real flips", True, True), Column("adversarial_rate", "Adversarial", False, True),
-                  Column("sigma_l", "σ_L", True))
-# Real flips / Adversarial (where an oracle reads the counterfactuals, the synthetic benchmark): the model's
-# flip confirmed by the oracle, or not (the classifier fooled, the image not changed into the target).
+                  Column("real_flip_rate", "Real flips", True, True), Column("corrected_rate", "Corrected", None, True),
+                  Column("adversarial_rate", "Adversarial", False, True), Column("sigma_l", "σ_L", True))
+# Real flips / Corrected / Adversarial (where an oracle reads the counterfactuals, the synthetic benchmark): the
+# model's flip confirmed by the oracle (the edit made the image the target), confirmed on an original the model had
+# misread (the oracle saw the target there already), or not confirmed (the classifier fooled, the image not
+# changed into the target).
 REGRESSION = (Column("success_rate", "Success", True, True), Column("real_flip_rate", "Real", True, True),
+              Column("corrected_rate", "Corrected", None, True),
               Column("adversarial_rate", "Adversarial", False, True), Column("mae_to_target", "MAE", False),
               Column("oracle_mae", "Oracle MAE", False),
               Column("fid", "FID", False), Column("lpips", "LPIPS", False), Column("sigma_l", "σ_L", True))
@@ -84,7 +88,7 @@ def paper_table(df: pd.DataFrame, by: list[str], task: str) -> tuple[pd.DataFram
         cells = [_cell(v, col.percent) if isinstance(v, tuple) else ("", np.nan) for v in df[col.metric]]
         text[col.title] = [c[0] for c in cells]
         means = np.array([c[1] for c in cells], dtype=float)
-        if np.isfinite(means).any():
+        if np.isfinite(means).any() and col.higher_is_better is not None:
             target = np.nanmax(means) if col.higher_is_better else np.nanmin(means)
             best[col.title] = {i for i, m in enumerate(means) if np.isfinite(m) and np.isclose(m, target)}
     text["Jobs"] = [str(n) for n in df["n_jobs"]]

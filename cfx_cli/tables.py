@@ -24,7 +24,7 @@ from cfx_cli.errors import CfxError
 from cfx_cli.metrics.summary import summarise
 from cfx_cli.outputs import Pairs, damage, read_samples
 
-DEFAULT_METRICS = ["flip_rate", "success_rate", "real_flip_rate", "adversarial_rate", "mae_to_target",
+DEFAULT_METRICS = ["flip_rate", "success_rate", "real_flip_rate", "corrected_rate", "adversarial_rate", "mae_to_target",
                    "mae_to_target_before", "l1", "l2", "mnac",
                    "ideal_cf_l1", "shortcut_reveal_rate", "oracle_flip_rate", "oracle_mae", "nfe_unet", "nfe_unet_backward",
                    "nfe_decoder", "nfe_decoder_backward", "nfe_model", "nfe_model_backward", "seconds_per_cf",

@@ -23,6 +23,10 @@ def test_outcome_per_sample():
     assert list(outcomes(success, [1.0, 0.0, 1.0, 0.0])) == ["real", "adversarial", "failed", "failed"]
     assert list(outcomes(success)) == ["success", "success", "failed", "failed"]  # no oracle
     assert list(outcomes([True, True], [np.nan, 1.0])) == ["success", "real"]  # an unread sample: no verdict
+    # the oracle saw the target on the original already (the model had misread it): a confirmed flip is corrected,
+    # an unconfirmed one adversarial (the edit took the image away from the target)
+    assert list(outcomes([True, True, True, False], [1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0])) == \
+        ["corrected", "real", "adversarial", "failed"]
 
 
 def samples(**cols):
@@ -43,6 +47,13 @@ def test_rates_count_every_sample():
     r = samples(success=[True, True, False, True], oracle_flip=[1.0, 0.0, 0.0, 1.0])
     m = summarise(r, "regression")
     assert m["success_rate"] == 0.75 and m["real_flip_rate"] == 0.5 and m["adversarial_rate"] == 0.25
+    # misread originals (oracle_was_target): of 4 samples one real, two corrected, one adversarial
+    s = samples(success=[True, True, True, True], oracle_flip=[1.0, 1.0, 1.0, 0.0], oracle_was_target=[0.0, 1.0, 1.0, 1.0])
+    m = summarise(s, "classification")
+    assert (m["real_flip_rate"], m["corrected_rate"], m["adversarial_rate"]) == (0.25, 0.5, 0.25)
+    # a job folder written before oracle_was_target: every confirmed flip real, none corrected
+    m = summarise(samples(success=[True, True], oracle_flip=[1.0, 0.0]), "classification")
+    assert (m["real_flip_rate"], m["corrected_rate"], m["adversarial_rate"]) == (0.5, 0.0, 0.5)
     # no oracle (a real dataset): no such rates at all, rather than zeros
     m = summarise(samples(success=[True, False]), "classification")
     assert "real_flip_rate" not in m and "adversarial_rate" not in m and m["flip_rate"] == 0.5

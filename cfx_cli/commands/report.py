@@ -181,6 +181,9 @@ def _column_head(row: dict) -> str:
     outcome = sample_outcome(row)
     if outcome == "real":
         return head + '<div class="st ok" title="the classifier flipped and the oracle confirms">✓ real</div>'
+    if outcome == "corrected":
+        return head + ('<div class="st ok" title="the classifier flipped and the oracle confirms, but it saw the target '
+                       'on the original already: the classifier had misread it">↺ corrected</div>')
     if outcome == "adversarial":
         return head + (f'<div class="st adv" title="the classifier says {_e(_name(row, "cf_pred"))}; the oracle does '
                        f'not: the image did not become the target">⚠ adversarial</div>')
@@ -190,8 +193,8 @@ def _column_head(row: dict) -> str:
 
 
 def sample_outcome(row) -> str:
-    """real | adversarial | failed (the oracle read the counterfactual), success | failed (no oracle): the
-    row's ``outcome``, or made from its success and oracle_flip (jobs written before outcomes were)."""
+    """real | corrected | adversarial | failed (the oracle read the counterfactual), success | failed (no oracle):
+    the row's ``outcome``, or made from its success and oracle_flip (jobs written before outcomes were)."""
     v = row.get("outcome")
     if isinstance(v, str) and v:
         return v
@@ -206,15 +209,15 @@ def sample_outcome(row) -> str:
 
 
 def outcome_counts(samples: pd.DataFrame | None) -> dict[str, int]:
-    """{outcome: number of samples}, in the order real, adversarial, success, failed."""
+    """{outcome: number of samples}, in the order real, corrected, adversarial, success, failed."""
     if samples is None or not len(samples):
         return {}
     got = [sample_outcome(r) for r in samples.to_dict("records")]
-    return {k: got.count(k) for k in ("real", "adversarial", "success", "failed") if got.count(k)}
+    return {k: got.count(k) for k in ("real", "corrected", "adversarial", "success", "failed") if got.count(k)}
 
 
 def counts_text(counts: dict[str, int]) -> str:
-    marks = {"real": "✓", "adversarial": "⚠", "success": "✓", "failed": "✗"}
+    marks = {"real": "✓", "corrected": "↺", "adversarial": "⚠", "success": "✓", "failed": "✗"}
     return " · ".join(f"{marks[k]} {n} {k}" for k, n in counts.items())
 
 
@@ -352,8 +355,9 @@ def _headline(r: dict) -> str:
                        ("seconds_per_cf", "s/cf")):
         if key in m and np.isfinite(m[key]):
             parts.append(f"{label} {_num(m[key])}")
-    extra = [f"{label} {_num(m[key])}" for key, label in (("real_flip_rate", "real"), ("adversarial_rate", "adversarial"))
-             if key in m and np.isfinite(m[key])]
+    extra = [f"{label} {_num(m[key])}" for key, label in (("real_flip_rate", "real"), ("corrected_rate", "corrected"),
+                                                          ("adversarial_rate", "adversarial"))
+             if key in m and np.isfinite(m[key]) and (key != "corrected_rate" or m[key] > 0)]
     parts[1:1] = extra  # after the flip rate
     if "nfe_unet" in m:
         parts.append(f"{_num(m['nfe_unet'] + m.get('nfe_unet_backward', 0.0))} UNet calls/cf")

@@ -374,7 +374,8 @@ def load_batch(dataset, chunk: list[int]):
 def _rows(batch, pred, target, cf_pred, success, result, failed, dist, oracle_vals, cost, seconds, peak_mib, task):
     rows = []
     ok = success.numpy().astype(bool) & ~failed.numpy().astype(bool)
-    outcome = outcomes(ok, None if oracle_vals is None else oracle_vals["oracle_flip"])
+    outcome = outcomes(ok, *((None,) if oracle_vals is None else (oracle_vals["oracle_flip"],
+                                                                  oracle_vals.get("oracle_was_target"))))
     for i, index in enumerate(batch["index"]):
         row = {"index": index, "id": batch["id"][i],
                "label": batch["label"][i].item() if task == "classification" else batch["value"][i].item(),
@@ -401,7 +402,7 @@ def _name(classes: list[str], index) -> str:
 
 
 def headline(metrics: dict[str, float]) -> str:
-    keys = ["flip_rate", "success_rate", "real_flip_rate", "adversarial_rate", "mae_to_target", "l1", "mnac", "ideal_cf_l1", "shortcut_reveal_rate",
+    keys = ["flip_rate", "success_rate", "real_flip_rate", "corrected_rate", "adversarial_rate", "mae_to_target", "l1", "mnac", "ideal_cf_l1", "shortcut_reveal_rate",
             "nfe_unet", "seconds_per_cf", "num_failed"]
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics and not np.isnan(metrics[k]))
 

@@ -11,14 +11,17 @@ On the synthetic benchmark a factor oracle reads every factor of both images:
 - ``bg_changed``: the oracle sees another background colour (a shortcut revealed);
 - ``oracle_flip``: the oracle sees the target factor reached (shape = target
   class; size within the objective's tolerance of the target);
+- ``oracle_was_target``: the oracle saw it reached on the original already (the model had misread it);
 - ``ideal_cf_l1``: l1 to the ideal counterfactual, rendered from the same
   factors with only the target factor changed;
 - ``oracle_error`` (regression): |oracle's size reading of x_cf − target| (its mean: ``oracle_mae``).
 
 Each sample's ``outcome`` (:func:`outcomes`): where an oracle reads the counterfactual, **real** (the
-model flipped, or reached its regression target, and the oracle confirms: the image now *is* the target
-class / size within the tolerance), **adversarial** (the model is fooled, the oracle is not) or **failed**;
-with no oracle, **success** or **failed**.
+model flipped, or reached its regression target, and the oracle confirms: the edit made the image the target
+class / size within the tolerance), **corrected** (the oracle saw the target on the original already: the
+model had misread it, and the edit changed its decision without making the image anything it was not — on
+the biased classifier, a background edit of a misread image: its shortcut), **adversarial** (the model is
+fooled, the oracle is not) or **failed**; with no oracle, **success** or **failed**.
 """
 from __future__ import annotations
 
@@ -31,18 +34,22 @@ from cfx_cli.data.synthetic import ALL_SHAPES
 DISCRETE = ("shape", "obj_colour", "bg_colour")
 
 
-OUTCOMES = ("real", "adversarial", "failed")
+OUTCOMES = ("real", "corrected", "adversarial", "failed")
 
 
-def outcomes(success, oracle_flip=None) -> np.ndarray:
-    """Per sample: real | adversarial | failed where the oracle's confirmation ``oracle_flip`` is known
-    (NaN: not known), success | failed without it."""
+def outcomes(success, oracle_flip=None, oracle_was_target=None) -> np.ndarray:
+    """Per sample: real | corrected | adversarial | failed where the oracle's confirmation ``oracle_flip`` is
+    known (NaN: not known), success | failed without it. ``oracle_was_target`` (the oracle read the target on
+    the original) turns a confirmed success into corrected; without it (job folders written before it was
+    recorded) a confirmed success is real."""
     success = np.asarray(success, dtype=bool)
     out = np.where(success, "success", "failed").astype(object)
     if oracle_flip is not None:
         confirmed = np.asarray(oracle_flip, dtype=float)
+        was = np.zeros(len(success)) if oracle_was_target is None else np.asarray(oracle_was_target, dtype=float)
         known = np.isfinite(confirmed)
-        out[known & success] = np.where(confirmed[known & success] > 0.5, "real", "adversarial")
+        real = np.where(np.nan_to_num(was) > 0.5, "corrected", "real")
+        out[known & success] = np.where(confirmed[known & success] > 0.5, real[known & success], "adversarial")
     return out
 
 
@@ -79,16 +86,17 @@ class OracleMetrics:
         t = target.detach().cpu().numpy()
         if task == "classification":
             target_shape = np.array([self.world.shape_ids[int(v)] for v in t])
-            oracle_flip = b["shape"] == target_shape
+            oracle_flip, was_target = b["shape"] == target_shape, a["shape"] == target_shape
             ideal = self.world.ideal_counterfactual(factors, shape=t.astype(np.int64))
         else:
-            oracle_flip = np.abs(b["size"] - t) <= tolerance
+            oracle_flip, was_target = np.abs(b["size"] - t) <= tolerance, np.abs(a["size"] - t) <= tolerance
             ideal = self.world.ideal_counterfactual(factors, size=t.astype(np.float64))
         # regression: how far the oracle's reading of the counterfactual is from the target (oracle MAE)
         oracle_error = np.abs(b["size"] - t) if task != "classification" else None
         ideal_l1 = ((x_cf.float().cpu() - ideal).abs() / 2).flatten(1).mean(1).numpy()
         out = {"mnac": mnac.astype(float), "bg_changed": changed["bg_colour"].astype(float),
-               "oracle_flip": oracle_flip.astype(float), "ideal_cf_l1": ideal_l1,
+               "oracle_flip": oracle_flip.astype(float), "oracle_was_target": was_target.astype(float),
+               "ideal_cf_l1": ideal_l1,
                "oracle_shape_cf": np.array([ALL_SHAPES[int(v)] for v in b["shape"]])}
         if oracle_error is not None:
             out["oracle_error"] = oracle_error.astype(float)

@@ -50,9 +50,11 @@ def summarise(samples: pd.DataFrame, task: str) -> dict[str, float]:
 
 
 def outcome_rates(samples: pd.DataFrame, success: pd.Series | None = None) -> dict[str, float]:
-    """Where the oracle read every counterfactual (``oracle_flip``): ``real_flip_rate`` (the model flipped
-    and the oracle confirms; regression: the target reached, the oracle's size within the tolerance) and
-    ``adversarial_rate`` (the model flipped, the oracle does not agree), over all samples; none without it."""
+    """Where the oracle read every counterfactual (``oracle_flip``), over all samples: ``real_flip_rate`` (the
+    model flipped and the oracle confirms that the edit made the image the target; regression: the target
+    reached, the oracle's size within the tolerance), ``corrected_rate`` (confirmed, but the oracle saw the
+    target on the original already: a misread original, ``oracle_was_target``; 0 where a job did not record it)
+    and ``adversarial_rate`` (the model flipped, the oracle does not agree); none without the oracle."""
     if "oracle_flip" not in samples or not len(samples):
         return {}
     if success is None:
@@ -63,7 +65,10 @@ def outcome_rates(samples: pd.DataFrame, success: pd.Series | None = None) -> di
     known = confirmed.notna() | ~flipped  # an unsuccessful sample is failed with or without the oracle
     if not known.all():
         return {}
-    return {"real_flip_rate": float((flipped & (confirmed > 0.5)).mean()),
+    was = (pd.to_numeric(samples["oracle_was_target"], errors="coerce") > 0.5 if "oracle_was_target" in samples
+           else pd.Series(False, index=samples.index))
+    return {"real_flip_rate": float((flipped & (confirmed > 0.5) & ~was).mean()),
+            "corrected_rate": float((flipped & (confirmed > 0.5) & was).mean()),
             "adversarial_rate": float((flipped & ~(confirmed > 0.5)).mean())}
 
 
