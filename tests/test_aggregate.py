@@ -264,7 +264,7 @@ def test_paper_table_lays_out_the_papers_columns_with_the_best_in_bold(tmp_path,
     assert row["DiME"][0] == "**11.00 ± 1.41**" and row["FastDiME"][0] == "21.00 ± 1.41"   # FID: lower is better
     assert row["FastDiME"][1] == "**0.600 ± 0.141**" and row["DiME"][1] == "0.300 ± 0.141"  # COUT: higher
     assert row["FastDiME"][2] == "**98.0 ± 1.4**" and row["DiME"][2] == "95.0 ± 7.1"        # flip rate, %
-    assert "No job has: sfid, fva, fs, mnac_successful, cd, real_flip_rate, adversarial_rate, sigma_l." in md
+    assert "No job has: sfid, fva, fs, mnac_successful, cd, real_flip_rate, corrected_rate, adversarial_rate, sigma_l." in md
     # the regression paper's columns, with ACE named as its regression variant
     reg_header = [ln for ln in lines if ln.startswith("| Method")][1]
     assert "Success (%) ↑" in reg_header and "MAE ↓" in reg_header

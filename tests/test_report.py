@@ -342,11 +342,12 @@ def test_report_of_an_adversarial_run_says_so(tmp_path):
     job = adversarial_job(tmp_path)
     s = pd.read_csv(job / "samples.csv")
     assert s["success"].all()  # the classifier is fooled on every image
-    assert list(s["outcome"]) == ["real" if f else "adversarial" for f in s["oracle_flip"]]
+    assert list(s["outcome"]) == [("corrected" if w else "real") if f else "adversarial"
+                                  for f, w in zip(s["oracle_flip"], s["oracle_was_target"])]
     assert (s["outcome"] == "adversarial").sum() >= 1
     m = dict(pd.read_csv(job / "metrics.csv").itertuples(index=False))
-    assert m["flip_rate"] == 1.0 and m["real_flip_rate"] + m["adversarial_rate"] == 1.0
-    assert m["real_flip_rate"] == (s["oracle_flip"] == 1).mean()
+    assert m["flip_rate"] == 1.0 and m["real_flip_rate"] + m["corrected_rate"] + m["adversarial_rate"] == 1.0
+    assert m["real_flip_rate"] == ((s["oracle_flip"] == 1) & (s["oracle_was_target"] == 0)).mean()
     out, _ = report.report([str(job)])
     page = out.read_text()
     n_adv = int((s["outcome"] == "adversarial").sum())
