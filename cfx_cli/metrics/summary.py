@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from cfx_cli.metrics.sample import outcomes
+
 # Column of samples.csv -> name of its mean in metrics.csv.
 MEANS = {"l1": "l1", "l2": "l2", "mnac": "mnac", "ideal_cf_l1": "ideal_cf_l1",
          "bg_changed": "shortcut_reveal_rate", "oracle_flip": "oracle_flip_rate",
@@ -65,11 +67,10 @@ def outcome_rates(samples: pd.DataFrame, success: pd.Series | None = None) -> di
     known = confirmed.notna() | ~flipped  # an unsuccessful sample is failed with or without the oracle
     if not known.all():
         return {}
-    was = (pd.to_numeric(samples["oracle_was_target"], errors="coerce") > 0.5 if "oracle_was_target" in samples
-           else pd.Series(False, index=samples.index))
-    return {"real_flip_rate": float((flipped & (confirmed > 0.5) & ~was).mean()),
-            "corrected_rate": float((flipped & (confirmed > 0.5) & was).mean()),
-            "adversarial_rate": float((flipped & ~(confirmed > 0.5)).mean())}
+    was = pd.to_numeric(samples["oracle_was_target"], errors="coerce") if "oracle_was_target" in samples else None
+    kinds = outcomes(flipped.to_numpy(), confirmed.to_numpy(), None if was is None else was.to_numpy())
+    return {f"{name}_rate": float((kinds == kind).mean())
+            for name, kind in (("real_flip", "real"), ("corrected", "corrected"), ("adversarial", "adversarial"))}
 
 
 def closeness(samples: pd.DataFrame) -> dict[str, float]:
