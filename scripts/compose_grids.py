@@ -3,7 +3,7 @@
     python scripts/compose_grids.py OUT.png --rows 3 JOB_DIR "title" [JOB_DIR "title" ...]
 
 Each panel is the job's own grid.png (original | counterfactual | change, each row labelled with its classes
-and its outcome: real / adversarial / failed), cut after ``--rows`` rows, so the picture shows exactly what
+and its outcome: real / corrected / adversarial / failed), cut after ``--rows`` rows, so the picture shows exactly what
 the job wrote; nothing is re-drawn.
 """
 from __future__ import annotations
