@@ -210,7 +210,8 @@ class JobWriter:
 
     def write_grid(self, max_rows: int = 8):
         """original | counterfactual | diff for the first samples, 4× enlarged for a human eye; each row
-        labelled on its left with its classes (label -> target) and its outcome (real / corrected / adversarial / failed)."""
+        labelled on its left with its classes (label -> target) and its outcome (real / corrected / adversarial /
+        failed)."""
         if not self.samples_path.exists():
             return None
         tiles, labels = [], []
