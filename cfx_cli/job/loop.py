@@ -374,15 +374,15 @@ def load_batch(dataset, chunk: list[int]):
 def _rows(batch, pred, target, cf_pred, success, result, failed, dist, oracle_vals, cost, seconds, peak_mib, task):
     rows = []
     ok = success.numpy().astype(bool) & ~failed.numpy().astype(bool)
-    outcome = outcomes(ok, *((None,) if oracle_vals is None else (oracle_vals["oracle_flip"],
-                                                                  oracle_vals.get("oracle_was_target"))))
+    oracle_vals = oracle_vals or {}
+    outcome = outcomes(ok, oracle_vals.get("oracle_flip"), oracle_vals.get("oracle_was_target"))
     for i, index in enumerate(batch["index"]):
         row = {"index": index, "id": batch["id"][i],
                "label": batch["label"][i].item() if task == "classification" else batch["value"][i].item(),
                "pred": pred[i].item(), "target": target[i].item(), "cf_pred": cf_pred[i].item(),
                "success": bool(success[i]) and not bool(failed[i]), "failed": bool(failed[i]),
                "l1": dist["l1"][i], "l2": dist["l2"][i]}
-        for k, v in (oracle_vals or {}).items():
+        for k, v in oracle_vals.items():
             row[k] = v[i]
         row["outcome"] = outcome[i]
         for k, v in result.info.items():
